@@ -1,0 +1,28 @@
+"""The random-attribution control: i.i.d. Gaussian scores. Its LDS should straddle 0."""
+
+from __future__ import annotations
+
+import numpy as np
+from flax import nnx
+
+from stride_jax.attribution import Attribution, ExampleSet
+from stride_jax.baselines.base import make_attribution
+
+
+class RandomAttributor:
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self._train: ExampleSet | None = None
+
+    def fit(self, model: nnx.Module, train: ExampleSet) -> "RandomAttributor":
+        self._train = train
+        return self
+
+    def attribute(self, queries: ExampleSet) -> Attribution:
+        if self._train is None:
+            raise RuntimeError("call fit(model, train) first")
+        rng = np.random.default_rng(self.seed)
+        scores = rng.standard_normal((len(self._train.inputs), len(queries.inputs)))
+        return make_attribution(scores, self._train, queries, self.name)

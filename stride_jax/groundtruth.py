@@ -1,0 +1,510 @@
+"""Ground truth for the Linear Datamodeling Score: retrain on random alpha-subsets.
+
+For LDS (STRIDE.md section 3) we draw m random alpha-subsets S_1..S_m of the training pool,
+train R fresh models from scratch on each (different seeds), and record every query's loss
+f_j(S) under each model. This module runs that sweep and keeps its results in a resumable,
+validated on-disk store:
+
+```
+<dir>/meta.json                  format version, configs, data hashes, fingerprint
+<dir>/subsets.npy                [m, Ns] int32 sorted training-example indices per subset
+<dir>/seeds.npy                  [m, R] int64 training seed of model (subset j, seed r)
+<dir>/chunk_<start>_<end>.npz    one per finished chunk of models: subset_idx [C], seed_idx [C],
+                                 losses [C, Q] float32, the store fingerprint and a sha256
+```
+
+A model is named by (subset j, seed r), flat id j * R + r; `start`/`end` in a chunk's name are
+the first flat id and the last flat id + 1 it holds. Chunks are written atomically, so a run
+killed in the middle resumes from the chunks already on disk.
+
+Axis letters (local to this module): M subsets (the paper's m), R seeds per subset, Q queries,
+Ns examples per subset, C models in a chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from stride_jax import design
+from stride_jax import train as train_lib
+
+FORMAT_VERSION = 1
+_META = "meta.json"
+_SUBSETS = "subsets.npy"
+_SEEDS = "seeds.npy"
+_CHUNK_RE = re.compile(r"^chunk_(\d+)_(\d+)\.npz$")
+_TMP_PREFIX = ".tmp-"
+# GroundTruthConfig fields that change only how the work is batched, not its results: they are
+# recorded in meta.json but left out of the fingerprint, so a store can be resumed with another
+# chunk size.
+_EXECUTION_ONLY_FIELDS = ("models_per_chunk",)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroundTruthConfig:
+    """Which retrains make up the LDS ground truth.
+
+    Attributes:
+        n_subsets: m, the number of random alpha-subsets (paper: 256).
+        alpha: subset size as a fraction of the training pool; each subset holds round(alpha n).
+        seeds_per_subset: R, fresh models trained per subset (their losses are averaged).
+        seed: base seed of the subsets and of the per-model training seeds; keep it different from
+            the STRIDE design seed so the LDS subsets are independent of the fitting subsets.
+        models_per_chunk: models trained at once by one vmapped `train.train_many` call.
+    """
+
+    n_subsets: int = 64
+    alpha: float = 0.3
+    seeds_per_subset: int = 2
+    seed: int = 1234
+    models_per_chunk: int = 8
+
+    def __post_init__(self):
+        if self.n_subsets < 1:
+            raise ValueError(f"n_subsets must be >= 1, got {self.n_subsets}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+        if self.seeds_per_subset < 1:
+            raise ValueError(f"seeds_per_subset must be >= 1, got {self.seeds_per_subset}")
+        if self.models_per_chunk < 1:
+            raise ValueError(f"models_per_chunk must be >= 1, got {self.models_per_chunk}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GroundTruthConfig:
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    raise TypeError(f"cannot record config of type {type(cfg).__name__}: no to_dict()")
+
+
+def _canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _normalise(obj: Any) -> Any:
+    """What `obj` reads back as after a JSON round trip (tuples become lists, ...)."""
+    return json.loads(_canonical_json(obj))
+
+
+def _sha256_arrays(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v)
+    return s[:19] + "..." if len(s) > 22 else s
+
+
+def _atomic_write(path: Path, write_fn) -> None:
+    """Calls write_fn(file object) on a temp file in path's directory, then renames it onto path."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _identity(
+    cfg: GroundTruthConfig, model_cfg: Any, train_cfg: Any, train_examples: Any,
+    query_examples: Any,
+) -> dict[str, Any]:
+    """What decides the store's results; its canonical JSON is hashed into the fingerprint."""
+    gt = {k: v for k, v in cfg.to_dict().items() if k not in _EXECUTION_ONLY_FIELDS}
+    return _normalise({
+        "format_version": FORMAT_VERSION,
+        "groundtruth": gt,
+        "model_type": type(model_cfg).__name__,
+        "model": _config_dict(model_cfg),
+        "train": _config_dict(train_cfg),
+        "train_data_hash": train_examples.content_hash(),
+        "query_data_hash": query_examples.content_hash(),
+        "n_train": len(train_examples),
+        "n_query": len(query_examples),
+    })
+
+
+def _fingerprint(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(_canonical_json(identity).encode()).hexdigest()
+
+
+def _identity_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    gt = {k: v for k, v in meta["groundtruth"].items() if k not in _EXECUTION_ONLY_FIELDS}
+    keys = ("format_version", "model_type", "model", "train", "train_data_hash",
+            "query_data_hash", "n_train", "n_query")
+    return {"groundtruth": gt, **{k: meta[k] for k in keys}}
+
+
+def _describe_difference(path: Path, stored: dict[str, Any], asked: dict[str, Any]) -> str:
+    a, b = _flatten(stored), _flatten(asked)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    made = ", ".join(f"{k}={_short(a.get(k, '<absent>'))}" for k in keys)
+    wants = ", ".join(f"{k}={_short(b.get(k, '<absent>'))}" for k in keys)
+    return (f"ground-truth store at {path} was made with {made}; this run asks {wants}; "
+            "use another directory (or delete this one to start over)")
+
+
+def _model_seeds(cfg: GroundTruthConfig) -> np.ndarray:
+    """[M, R] distinct training seeds, from a stream independent of the subset draw."""
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x5EED]))
+    m, r = cfg.n_subsets, cfg.seeds_per_subset
+    return rng.choice(2**31 - 1, size=m * r, replace=False).astype(np.int64).reshape(m, r)
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+class GroundTruthStore:
+    """Resumable on-disk store of retrained-model query losses; see the module docstring.
+
+    Build with `create_or_open` (to write) or `open` (read-only, validated).
+    """
+
+    def __init__(self, path: Path, meta: dict[str, Any], cfg: GroundTruthConfig,
+                 subset_idx_MxNs: np.ndarray, seeds_MxR: np.ndarray, *, read_only: bool):
+        self.path = path
+        self.meta = meta
+        self.cfg = cfg
+        self.read_only = read_only
+        self.fingerprint: str = meta["fingerprint"]
+        self.n_train: int = meta["n_train"]
+        self.n_query: int = meta["n_query"]
+        self._subset_idx_MxNs = subset_idx_MxNs
+        self._seeds_MxR = seeds_MxR
+        m, r = cfg.n_subsets, cfg.seeds_per_subset
+        self._losses_MxRxQ = np.full((m, r, self.n_query), np.nan, np.float32)
+        self._done_MxR = np.zeros((m, r), bool)
+        self._chunk_of: dict[tuple[int, int], str] = {}
+
+    # -- construction
+
+    @classmethod
+    def create_or_open(
+        cls, path: str | os.PathLike, cfg: GroundTruthConfig, model_cfg: Any, train_cfg: Any,
+        train_examples: Any, query_examples: Any,
+    ) -> "GroundTruthStore":
+        """Opens the store at `path` for writing, creating it if needed.
+
+        Raises ValueError if the directory holds a store made with other configs or data.
+        """
+        path = Path(path)
+        identity = _identity(cfg, model_cfg, train_cfg, train_examples, query_examples)
+        fingerprint = _fingerprint(identity)
+        if (path / _META).exists():
+            meta = cls._read_meta(path)
+            if meta["fingerprint"] != fingerprint:
+                raise ValueError(_describe_difference(path, _identity_from_meta(meta), identity))
+            return cls._load(path, meta, cfg=cfg, read_only=False)
+
+        if path.exists():
+            leftovers = sorted(p.name for p in path.iterdir()
+                               if p.name not in (_SUBSETS, _SEEDS)
+                               and not p.name.startswith(_TMP_PREFIX))
+            if leftovers:
+                raise ValueError(
+                    f"{path} exists but is not a ground-truth store (no {_META}; it holds "
+                    f"{leftovers[:5]}); use another directory, or restore its {_META}")
+        path.mkdir(parents=True, exist_ok=True)
+
+        n_train = len(train_examples)
+        subset_idx_MxNs = np.asarray(
+            design.alpha_subsets(n_train, cfg.n_subsets, cfg.alpha, cfg.seed), dtype=np.int32)
+        n_s = int(round(cfg.alpha * n_train))
+        if subset_idx_MxNs.shape != (cfg.n_subsets, n_s) or n_s < 1:
+            raise ValueError(f"alpha_subsets gave shape {subset_idx_MxNs.shape}, expected "
+                             f"({cfg.n_subsets}, {n_s}) (n_train={n_train}, alpha={cfg.alpha})")
+        seeds_MxR = _model_seeds(cfg)
+        _atomic_write(path / _SUBSETS, lambda f: np.save(f, subset_idx_MxNs))
+        _atomic_write(path / _SEEDS, lambda f: np.save(f, seeds_MxR))
+        meta = {
+            **identity,
+            "groundtruth": _normalise(cfg.to_dict()),
+            "fingerprint": fingerprint,
+            "subsets_sha256": _sha256_arrays({"subsets": subset_idx_MxNs}),
+            "seeds_sha256": _sha256_arrays({"seeds": seeds_MxR}),
+        }
+        text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        _atomic_write(path / _META, lambda f: f.write(text.encode()))
+        return cls(path, meta, cfg, subset_idx_MxNs, seeds_MxR, read_only=False)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "GroundTruthStore":
+        """Loads a store read-only, validating meta, shapes, checksums and chunk indices."""
+        path = Path(path)
+        return cls._load(path, cls._read_meta(path), cfg=None, read_only=True)
+
+    @staticmethod
+    def _read_meta(path: Path) -> dict[str, Any]:
+        meta_path = path / _META
+        if not meta_path.exists():
+            raise ValueError(f"{meta_path} is missing: {path} is not a ground-truth store (or its "
+                             "metadata was deleted)")
+        try:
+            meta = json.loads(meta_path.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("top level is not an object")
+            version = meta.get("format_version")
+            if version != FORMAT_VERSION:
+                raise ValueError(f"format_version {version!r}; this code reads {FORMAT_VERSION}")
+            identity = _identity_from_meta(meta)
+            GroundTruthConfig(**meta["groundtruth"])
+            for key in ("fingerprint", "subsets_sha256", "seeds_sha256"):
+                if not isinstance(meta[key], str):
+                    raise ValueError(f"{key} is not a string")
+            for key in ("n_train", "n_query"):
+                if not isinstance(meta[key], int) or meta[key] < 1:
+                    raise ValueError(f"{key}={meta[key]!r} is not a positive integer")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{meta_path} is malformed ({type(e).__name__}: {e})") from e
+        if _fingerprint(identity) != meta["fingerprint"]:
+            raise ValueError(f"{meta_path} is malformed: its fingerprint does not match its "
+                             "fields (was it edited by hand?)")
+        return meta
+
+    @classmethod
+    def _load(cls, path: Path, meta: dict[str, Any], *, cfg: GroundTruthConfig | None,
+              read_only: bool) -> "GroundTruthStore":
+        stored_cfg = GroundTruthConfig(**meta["groundtruth"])
+        cfg = stored_cfg if cfg is None else cfg
+        m, r = cfg.n_subsets, cfg.seeds_per_subset
+        n_s = int(round(cfg.alpha * meta["n_train"]))
+        subset_idx_MxNs = cls._load_npy(path / _SUBSETS, meta["subsets_sha256"], "subsets")
+        seeds_MxR = cls._load_npy(path / _SEEDS, meta["seeds_sha256"], "seeds")
+        if subset_idx_MxNs.shape != (m, n_s) or subset_idx_MxNs.dtype != np.int32:
+            raise ValueError(f"{path / _SUBSETS} has shape {subset_idx_MxNs.shape} "
+                             f"{subset_idx_MxNs.dtype}, expected ({m}, {n_s}) int32")
+        if subset_idx_MxNs.min() < 0 or subset_idx_MxNs.max() >= meta["n_train"]:
+            raise ValueError(f"{path / _SUBSETS} holds indices outside [0, {meta['n_train']})")
+        if seeds_MxR.shape != (m, r):
+            raise ValueError(f"{path / _SEEDS} has shape {seeds_MxR.shape}, expected ({m}, {r})")
+        store = cls(path, meta, cfg, subset_idx_MxNs, seeds_MxR, read_only=read_only)
+        for chunk_path in store._chunk_paths():
+            store._ingest_chunk(chunk_path)
+        return store
+
+    @staticmethod
+    def _load_npy(p: Path, sha: str, name: str) -> np.ndarray:
+        try:
+            a = np.load(p, allow_pickle=False)
+        except Exception as e:
+            raise ValueError(f"{p} is missing or unreadable ({type(e).__name__}: {e})") from e
+        if _sha256_arrays({name: a}) != sha:
+            raise ValueError(f"{p} does not match the checksum in {_META}: the store is corrupt")
+        return a
+
+    # -- chunks
+
+    def _chunk_paths(self) -> list[Path]:
+        found = []
+        for p in self.path.iterdir():
+            match = _CHUNK_RE.match(p.name)
+            if match:
+                found.append((int(match.group(1)), p))
+        return [p for _, p in sorted(found)]
+
+    def _ingest_chunk(self, p: Path) -> None:
+        hint = "delete it and rerun to retrain its models"
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in ("subset_idx", "seed_idx", "losses", "fingerprint")}
+                sha = str(z["sha256"])
+        except Exception as e:
+            raise ValueError(
+                f"chunk file {p} is unreadable ({type(e).__name__}: {e}); {hint}") from e
+        if _sha256_arrays(arrays) != sha:
+            raise ValueError(f"chunk file {p} fails its sha256 check (corrupt); {hint}")
+        if str(arrays["fingerprint"]) != self.fingerprint:
+            raise ValueError(
+                f"chunk file {p} belongs to another store (fingerprint differs); {hint}")
+        j_C, r_C, losses_CxQ = arrays["subset_idx"], arrays["seed_idx"], arrays["losses"]
+        c = j_C.shape[0] if j_C.ndim == 1 else -1
+        if (c < 1 or r_C.shape != (c,) or losses_CxQ.shape != (c, self.n_query)
+                or losses_CxQ.dtype != np.float32):
+            raise ValueError(f"chunk file {p} has inconsistent shapes subset_idx {j_C.shape}, "
+                             f"seed_idx {r_C.shape}, losses {losses_CxQ.shape} "
+                             f"{losses_CxQ.dtype} (Q={self.n_query}); {hint}")
+        m, r = self.cfg.n_subsets, self.cfg.seeds_per_subset
+        if j_C.min() < 0 or j_C.max() >= m or r_C.min() < 0 or r_C.max() >= r:
+            raise ValueError(f"chunk file {p} holds model indices outside {m} subsets x {r} "
+                             f"seeds; {hint}")
+        flat_C = j_C.astype(np.int64) * r + r_C
+        match = _CHUNK_RE.match(p.name)
+        if (int(match.group(1)), int(match.group(2))) != (flat_C.min(), flat_C.max() + 1):
+            raise ValueError(f"chunk file {p} holds models {flat_C.min()}..{flat_C.max()}, not "
+                             f"what its name says; {hint}")
+        if len(np.unique(flat_C)) != c:
+            raise ValueError(f"chunk file {p} lists a model twice; {hint}")
+        for j, s in zip(j_C.tolist(), r_C.tolist()):
+            if (j, s) in self._chunk_of:
+                raise ValueError(f"model (subset {j}, seed {s}) appears in both "
+                                 f"{self._chunk_of[(j, s)]} and {p}; delete one of them")
+        for j, s in zip(j_C.tolist(), r_C.tolist()):
+            self._chunk_of[(j, s)] = str(p)
+        self._losses_MxRxQ[j_C, r_C] = losses_CxQ
+        self._done_MxR[j_C, r_C] = True
+
+    def write_chunk(self, subset_idx_C: Iterable[int], seed_idx_C: Iterable[int],
+                    losses_CxQ: np.ndarray) -> Path:
+        """Atomically records the query losses of models (subset_idx_C[i], seed_idx_C[i])."""
+        if self.read_only:
+            raise ValueError(f"ground-truth store at {self.path} was opened read-only")
+        j_C = np.asarray(list(subset_idx_C), np.int32)
+        r_C = np.asarray(list(seed_idx_C), np.int32)
+        losses_CxQ = np.asarray(losses_CxQ, np.float32)
+        if losses_CxQ.shape != (len(j_C), self.n_query) or r_C.shape != j_C.shape or not len(j_C):
+            raise ValueError(f"write_chunk got {len(j_C)} subsets, {len(r_C)} seeds and losses "
+                             f"{losses_CxQ.shape}; expected losses ({len(j_C)}, {self.n_query})")
+        for j, s in zip(j_C.tolist(), r_C.tolist()):
+            if (j, s) in self._chunk_of:
+                raise ValueError(f"model (subset {j}, seed {s}) is already in "
+                                 f"{self._chunk_of[(j, s)]}")
+        flat_C = j_C.astype(np.int64) * self.cfg.seeds_per_subset + r_C
+        arrays = {"subset_idx": j_C, "seed_idx": r_C, "losses": losses_CxQ,
+                  "fingerprint": np.asarray(self.fingerprint)}
+        sha = _sha256_arrays(arrays)
+        p = self.path / f"chunk_{flat_C.min()}_{flat_C.max() + 1}.npz"
+        _atomic_write(p, lambda f: np.savez(f, sha256=np.asarray(sha), **arrays))
+        self._ingest_chunk(p)  # reads back what hit the disk
+        return p
+
+    # -- queries
+
+    def subsets(self) -> np.ndarray:
+        """[M, Ns] int32 sorted training-example indices of each subset."""
+        return self._subset_idx_MxNs.copy()
+
+    def seeds(self) -> np.ndarray:
+        """[M, R] training seed of model (subset j, seed r)."""
+        return self._seeds_MxR.copy()
+
+    def pending(self) -> list[tuple[int, int]]:
+        """(subset, seed) of every model not yet recorded, in flat-id order."""
+        j, r = np.nonzero(~self._done_MxR)
+        return list(zip(j.tolist(), r.tolist()))
+
+    def n_done(self) -> int:
+        return int(self._done_MxR.sum())
+
+    def is_complete(self) -> bool:
+        return bool(self._done_MxR.all())
+
+    def losses(self, *, partial: bool = False) -> np.ndarray:
+        """[M, R, Q] float32 query losses; missing models raise, or are NaN with partial=True."""
+        if not partial and not self.is_complete():
+            raise ValueError(f"ground-truth store at {self.path} is incomplete: "
+                             f"{len(self.pending())} of {self._done_MxR.size} models missing; "
+                             "run run_groundtruth to finish it, or pass partial=True")
+        return self._losses_MxRxQ.copy()
+
+    def mean_losses(self, *, partial: bool = False) -> np.ndarray:
+        """[M, Q] query losses averaged over the R seeds (the recorded ones, with partial=True)."""
+        losses_MxRxQ = self.losses(partial=partial)
+        if not partial:
+            return losses_MxRxQ.mean(axis=1)
+        n_Mx1 = self._done_MxR.sum(axis=1, keepdims=True)
+        total_MxQ = np.where(self._done_MxR[:, :, None], losses_MxRxQ, 0.0).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n_Mx1 > 0, total_MxQ / n_Mx1, np.nan).astype(np.float32)
+
+    def __repr__(self) -> str:
+        return (f"GroundTruthStore({str(self.path)!r}, m={self.cfg.n_subsets}, "
+                f"R={self.cfg.seeds_per_subset}, Q={self.n_query}, "
+                f"done={self.n_done()}/{self._done_MxR.size})")
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def run_groundtruth(
+    store: GroundTruthStore, model_cfg: Any, train_cfg: Any, train_examples: Any,
+    query_examples: Any, *, progress: bool = True, max_models: int | None = None,
+    eval_batch_size: int = 256,
+) -> GroundTruthStore:
+    """Trains every pending model of `store` and records its query losses.
+
+    Models are trained `store.cfg.models_per_chunk` (P) at a time by one vmapped
+    `train.train_many` call, on a fixed grid of flat ids (chunk c holds ids c*P .. c*P+P-1), so a
+    chunk holds the same models whether or not the sweep was interrupted before it. Each chunk is
+    written as soon as it is done. `max_models` stops after that many models (to split the work,
+    or in tests to simulate a crash).
+    """
+    asked = _identity(store.cfg, model_cfg, train_cfg, train_examples, query_examples)
+    if _fingerprint(asked) != store.fingerprint:
+        raise ValueError(_describe_difference(store.path, _identity_from_meta(store.meta), asked))
+    if store.read_only:
+        raise ValueError(f"ground-truth store at {store.path} was opened read-only; use "
+                         "GroundTruthStore.create_or_open to run it")
+    todo = store.pending()
+    if max_models is not None:
+        todo = todo[:max(0, max_models)]
+    r, p = store.cfg.seeds_per_subset, store.cfg.models_per_chunk
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for j, s in todo:
+        groups.setdefault((j * r + s) // p, []).append((j, s))
+
+    subset_idx_MxNs, seeds_MxR = store.subsets(), store.seeds()
+    with tqdm(total=store.cfg.n_subsets * r, initial=store.n_done(), disable=not progress,
+              unit="model", desc="ground-truth retrains") as bar:
+        for group in groups.values():
+            j_C = np.asarray([j for j, _ in group])
+            r_C = np.asarray([s for _, s in group])
+            graphdef, state_C = train_lib.train_many(
+                model_cfg, train_examples, subset_idx_MxNs[j_C], seeds_MxR[j_C, r_C], train_cfg,
+                progress=False)
+            losses_CxQ = train_lib.eval_losses(graphdef, state_C, query_examples,
+                                               batch_size=eval_batch_size)
+            store.write_chunk(j_C, r_C, np.asarray(losses_CxQ))
+            bar.update(len(group))
+    return store
+
+
+def noise_ceiling_losses(store: GroundTruthStore) -> tuple[np.ndarray, np.ndarray]:
+    """([M, Q] losses of seed 0, [M, Q] losses of seed 1) for `lds.noise_ceiling`."""
+    if store.cfg.seeds_per_subset < 2:
+        raise ValueError(f"the noise ceiling needs two seeds per subset; the store at "
+                         f"{store.path} has seeds_per_subset={store.cfg.seeds_per_subset} "
+                         "(make one with seeds_per_subset >= 2)")
+    losses_MxRxQ = store.losses()
+    return losses_MxRxQ[:, 0].copy(), losses_MxRxQ[:, 1].copy()

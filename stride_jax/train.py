@@ -1,0 +1,338 @@
+"""Training many small models at once: M fresh models, vmapped, each on its own subset.
+
+The retraining loop behind the LDS ground truth (and the pretraining of the frozen model) is
+
+    for each model m (vmapped):  params_m <- init(seed_m)
+    for step s:                  params_m <- AdamW(params_m, grad mean_b loss(x[idx[m, s, b]]))
+
+with idx[m] a stream of per-epoch permutations of subset m drawn from seed m. Steps run in chunks
+of `TrainConfig.scan_steps` inside one jitted `lax.scan`; parameters, optimiser state and the
+device copy of the data are arguments of that function, never closed over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from stride_jax import models
+
+__all__ = [
+    "TrainConfig",
+    "train_many",
+    "pretrain",
+    "stack",
+    "unstack",
+    "eval_losses",
+    "eval_loss",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser and schedule (frozen, hashable: reaches jit as a static argument).
+
+    AdamW (b1, b2), global-norm clipping, linear warmup over `warmup_frac` of the steps, then
+    cosine decay to `final_lr_frac * learning_rate`. Weight decay applies to matrices only
+    (ndim >= 2). Steps = ceil(epochs * subset_size / batch_size); data are drawn as a stream of
+    per-epoch permutations of each model's subset, so no example is dropped at epoch ends.
+    `scan_steps` (steps per jitted chunk) changes speed, never results.
+    """
+
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    epochs: float = 4.0
+    warmup_frac: float = 0.05
+    final_lr_frac: float = 0.1
+    grad_clip: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.95
+    scan_steps: int = 32
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.scan_steps < 1:
+            raise ValueError("batch_size and scan_steps must be >= 1")
+        if not self.epochs > 0 or not self.learning_rate > 0:
+            raise ValueError("epochs and learning_rate must be positive")
+        if not 0 <= self.warmup_frac < 1 or not 0 <= self.final_lr_frac <= 1:
+            raise ValueError("warmup_frac must be in [0, 1) and final_lr_frac in [0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return cls(**d)
+
+    def num_steps(self, subset_size: int) -> int:
+        return max(1, math.ceil(self.epochs * subset_size / self.batch_size))
+
+
+def _make_tx(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    warmup = int(cfg.warmup_frac * total_steps)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup else cfg.learning_rate,
+        peak_value=cfg.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=cfg.learning_rate * cfg.final_lr_frac,
+    )
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask),
+    )
+
+
+# ----------------------------------------------------------------------------- stacking
+
+
+def stack(modules: Sequence[nnx.Module]) -> tuple[nnx.GraphDef, nnx.State]:
+    """Modules of one architecture -> (graphdef, state with leading axis M on every leaf)."""
+    if not modules:
+        raise ValueError("stack needs at least one module")
+    graphdefs, states = zip(*(nnx.split(m) for m in modules))
+    if any(g != graphdefs[0] for g in graphdefs[1:]):
+        raise ValueError("stack needs modules of identical structure and config")
+    return graphdefs[0], jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def unstack(graphdef: nnx.GraphDef, state_M: nnx.State, i: int) -> nnx.Module:
+    """Model i of a stacked state as a standalone module."""
+    n = _n_models(state_M)
+    if not -n <= i < n:
+        raise IndexError(f"model index {i} out of range for {n} stacked models")
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state_M))
+
+
+def _n_models(state_M: nnx.State) -> int:
+    return int(jax.tree.leaves(state_M)[0].shape[0])
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_examples(model_cfg: models.ModelConfig, examples) -> None:
+    n = len(examples.inputs)
+    if n == 0:
+        raise ValueError("examples is empty")
+    if len(examples.targets) != n:
+        raise ValueError(f"{n} inputs but {len(examples.targets)} targets")
+    if isinstance(model_cfg, models.GPTConfig):
+        x, y = np.asarray(examples.inputs), np.asarray(examples.targets)
+        if x.ndim != 2 or y.shape != x.shape:
+            raise ValueError(f"LM examples need inputs and targets [N, T], got {x.shape}, {y.shape}")
+        if x.shape[1] > model_cfg.seq_len:
+            raise ValueError(f"examples have length {x.shape[1]} > seq_len={model_cfg.seq_len}")
+        for name, a in (("inputs", x), ("targets", y)):
+            if not np.issubdtype(a.dtype, np.integer):
+                raise ValueError(f"LM {name} must be integer token ids, got {a.dtype}")
+            if a.min() < 0 or a.max() >= model_cfg.vocab_size:
+                raise ValueError(
+                    f"{name} token ids span [{a.min()}, {a.max()}], outside [0, {model_cfg.vocab_size})"
+                )
+    elif isinstance(model_cfg, models.MLPConfig):
+        x, y = np.asarray(examples.inputs), np.asarray(examples.targets)
+        if x.ndim != 2 or x.shape[1] != model_cfg.in_dim:
+            raise ValueError(f"classifier inputs must be [N, {model_cfg.in_dim}], got {x.shape}")
+        if y.shape != (n,) or y.min() < 0 or y.max() >= model_cfg.n_classes:
+            raise ValueError(f"classifier targets must be [N] labels in [0, {model_cfg.n_classes})")
+
+
+def _check_subsets(subset_idx_MxNs: np.ndarray, seeds_M: np.ndarray, n: int, batch_size: int):
+    idx = np.asarray(subset_idx_MxNs)
+    seeds = np.asarray(seeds_M)
+    if idx.ndim != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
+        raise ValueError(f"subset_idx must be a non-empty [M, Ns] index array, got shape {idx.shape}")
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"subset_idx must hold integer indices, got {idx.dtype}")
+    if idx.min() < 0 or idx.max() >= n:
+        raise ValueError(f"subset indices span [{idx.min()}, {idx.max()}], outside [0, {n})")
+    if seeds.shape != (idx.shape[0],):
+        raise ValueError(f"{idx.shape[0]} subsets but seeds of shape {seeds.shape}")
+    if not np.issubdtype(seeds.dtype, np.integer) or seeds.min() < 0 or seeds.max() >= 2**32:
+        raise ValueError("seeds must be integers in [0, 2**32)")
+    if batch_size > idx.shape[1]:
+        raise ValueError(f"batch_size={batch_size} exceeds the subset size {idx.shape[1]}")
+    return idx.astype(np.int32), seeds.astype(np.int64)
+
+
+def _batch_order(subset_idx_Ns: np.ndarray, seed: int, total_steps: int, batch: int) -> np.ndarray:
+    """[steps, B] example indices: a stream of per-epoch permutations of the subset, from seed."""
+    rng = np.random.default_rng([int(seed), 1])  # stream 1: data order; init uses jax.random.key(seed)
+    n_epochs = math.ceil(total_steps * batch / len(subset_idx_Ns))
+    order = np.concatenate([rng.permutation(subset_idx_Ns) for _ in range(n_epochs)])
+    return order[: total_steps * batch].reshape(total_steps, batch)
+
+
+# ----------------------------------------------------------------------------- pure steps
+
+
+def _mean_loss(params: nnx.State, graphdef: nnx.GraphDef, x: jax.Array, y: jax.Array) -> jax.Array:
+    return models.example_loss(nnx.merge(graphdef, params)(x), y).mean()
+
+
+def _train_chunk(params_M, opt_M, inputs_N, targets_N, idx_CxMxB, valid_C, *, graphdef, cfg, total_steps):
+    """`C` optimiser steps for M models (vmapped); steps with valid=False leave the state as is."""
+    tx = _make_tx(cfg, total_steps)
+
+    def one_model(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(_mean_loss)(params, graphdef, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    def step(carry, xs):
+        idx_MxB, valid = xs
+
+        def run(carry):
+            params_M, opt_M, loss_M = jax.vmap(one_model)(*carry, inputs_N[idx_MxB], targets_N[idx_MxB])
+            return (params_M, opt_M), loss_M
+
+        def skip(carry):
+            return carry, jnp.full(idx_MxB.shape[:1], jnp.nan, jnp.float32)
+
+        return jax.lax.cond(valid, run, skip, carry)
+
+    (params_M, opt_M), loss_CxM = jax.lax.scan(step, (params_M, opt_M), (idx_CxMxB, valid_C))
+    return params_M, opt_M, loss_CxM
+
+
+_STATIC = ("graphdef", "cfg", "total_steps")
+_train_chunk_jit = jax.jit(_train_chunk, static_argnames=_STATIC)
+_train_chunk_donate = jax.jit(_train_chunk, static_argnames=_STATIC, donate_argnums=(0, 1))
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg",))
+def _init_many(keys_M: jax.Array, *, model_cfg: models.ModelConfig) -> nnx.State:
+    return jax.vmap(lambda key: nnx.split(models._build_with_key(model_cfg, key))[1])(keys_M)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "total_steps"))
+def _init_opt(params_M: nnx.State, *, cfg: TrainConfig, total_steps: int):
+    return jax.vmap(_make_tx(cfg, total_steps).init)(params_M)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _eval_batch(state_M, inputs_N, targets_N, idx_B, *, graphdef) -> jax.Array:
+    x, y = inputs_N[idx_B], targets_N[idx_B]
+    return jax.vmap(lambda s: models.example_loss(nnx.merge(graphdef, s)(x), y))(state_M)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def train_many(
+    model_cfg: models.ModelConfig,
+    examples,
+    subset_idx_MxNs: np.ndarray,
+    seeds_M: np.ndarray,
+    cfg: TrainConfig,
+    *,
+    progress: bool = True,
+    desc: str = "train",
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """Train M fresh models (init and data order from seeds_M[m]) on rows of subset_idx_MxNs.
+
+    Returns (graphdef, state_M) with leading axis M on every leaf; `unstack` gives model m,
+    which for M = 1 equals training that model alone (the vmap invariant).
+    """
+    _check_examples(model_cfg, examples)
+    idx_MxNs, seeds = _check_subsets(subset_idx_MxNs, seeds_M, len(examples.inputs), cfg.batch_size)
+    n_models, subset_size = idx_MxNs.shape
+    total_steps = cfg.num_steps(subset_size)
+    order_MxSxB = np.stack(
+        [_batch_order(row, s, total_steps, cfg.batch_size) for row, s in zip(idx_MxNs, seeds)]
+    )
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.build(model_cfg, 0)))
+    keys_M = jnp.stack([jax.random.key(int(s)) for s in seeds])
+    params_M = _init_many(keys_M, model_cfg=model_cfg)
+    opt_M = _init_opt(params_M, cfg=cfg, total_steps=total_steps)
+    inputs_N, targets_N = jnp.asarray(examples.inputs), jnp.asarray(examples.targets)
+
+    chunk = min(cfg.scan_steps, total_steps)
+    n_chunks = math.ceil(total_steps / chunk)
+    pad = n_chunks * chunk - total_steps
+    order_MxSxB = np.concatenate([order_MxSxB, order_MxSxB[:, :pad]], axis=1)  # dummy, skipped
+    valid_S = np.arange(n_chunks * chunk) < total_steps
+    train_chunk = _train_chunk_jit if jax.default_backend() == "cpu" else _train_chunk_donate
+
+    bar = tqdm(total=total_steps, desc=desc, disable=not progress, unit="step")
+    for c in range(n_chunks):
+        sl = slice(c * chunk, (c + 1) * chunk)
+        params_M, opt_M, loss_CxM = train_chunk(
+            params_M,
+            opt_M,
+            inputs_N,
+            targets_N,
+            jnp.asarray(order_MxSxB[:, sl].transpose(1, 0, 2)),
+            jnp.asarray(valid_S[sl]),
+            graphdef=graphdef,
+            cfg=cfg,
+            total_steps=total_steps,
+        )
+        if progress:
+            loss_CxM = np.asarray(loss_CxM)[valid_S[sl]]
+            bar.set_postfix(loss=f"{loss_CxM[-1].mean():.4f}")
+            bar.update(len(loss_CxM))
+    bar.close()
+    return graphdef, jax.block_until_ready(params_M)
+
+
+def pretrain(
+    model_cfg: models.ModelConfig, examples, cfg: TrainConfig, seed: int, *, progress: bool = True
+) -> nnx.Module:
+    """One model trained on all of `examples` (train_many with M = 1)."""
+    all_idx = np.arange(len(examples.inputs), dtype=np.int32)[None]
+    graphdef, state_M = train_many(
+        model_cfg, examples, all_idx, np.array([seed]), cfg, progress=progress, desc="pretrain"
+    )
+    return unstack(graphdef, state_M, 0)
+
+
+def eval_losses(
+    graphdef: nnx.GraphDef,
+    state_M: nnx.State,
+    examples,
+    *,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> np.ndarray:
+    """Per-example loss [M, N] (float32) of every stacked model on every example.
+
+    Memory bound: each step evaluates max(1, batch_size // M) examples on all M models, so at
+    most about `batch_size` sequences of logits are live at once.
+    """
+    n = len(examples.inputs)
+    if n == 0:
+        raise ValueError("examples is empty")
+    n_models = _n_models(state_M)
+    _check_examples(nnx.merge(graphdef, state_M).cfg, examples)  # stacked leaves; only cfg used
+    per_step = max(1, batch_size // n_models)
+    per_step = min(per_step, n)
+    inputs_N, targets_N = jnp.asarray(examples.inputs), jnp.asarray(examples.targets)
+    out = []
+    starts = range(0, n, per_step)
+    for start in tqdm(starts, desc="eval", disable=not progress):
+        idx_B = np.arange(start, start + per_step) % n  # last batch padded by wrapping around
+        out.append(_eval_batch(state_M, inputs_N, targets_N, jnp.asarray(idx_B, jnp.int32), graphdef=graphdef))
+    losses_MxN = np.concatenate([np.asarray(o) for o in out], axis=1)[:, :n]
+    return losses_MxN.astype(np.float32)
+
+
+def eval_loss(model: nnx.Module, examples, *, batch_size: int = 256) -> np.ndarray:
+    """Per-example loss [N] of a single model."""
+    graphdef, state = nnx.split(model)
+    state_1 = jax.tree.map(lambda x: x[None], state)
+    return eval_losses(graphdef, state_1, examples, batch_size=batch_size)[0]

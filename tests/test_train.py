@@ -1,0 +1,136 @@
+"""train_many: learning, the vmap invariant, eval_losses, validation."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from stride_jax import models, train
+from stride_jax.data import Examples
+
+V, T = 16, 12
+CFG = models.GPTConfig(vocab_size=V, seq_len=T, n_layers=2, d_model=32, n_heads=2)
+FAST = train.TrainConfig(batch_size=8, epochs=2.0, learning_rate=1e-2, scan_steps=4)
+
+
+def _pattern_examples(n=48, seed=0):
+    """Windows of a periodic token stream (period 5): next tokens are predictable."""
+    stream = np.tile(np.array([3, 1, 4, 1, 5]), 40)
+    starts = np.random.default_rng(seed).integers(0, 5, n)
+    chunks = np.stack([stream[s : s + T + 1] for s in starts]).astype(np.int32)
+    return Examples(inputs=chunks[:, :-1], targets=chunks[:, 1:], ids=np.arange(n))
+
+
+def _random_examples(n=40, seed=1):
+    chunks = np.random.default_rng(seed).integers(0, V, (n, T + 1)).astype(np.int32)
+    return Examples(inputs=chunks[:, :-1], targets=chunks[:, 1:], ids=np.arange(n))
+
+
+def _leaves(graphdef, state_M, i):
+    return jax.tree.leaves(nnx.state(train.unstack(graphdef, state_M, i)))
+
+
+def test_pretrain_learns_a_pattern():
+    ex = _pattern_examples()
+    before = train.eval_loss(models.build(CFG, 0), ex).mean()
+    cfg = train.TrainConfig(batch_size=8, epochs=12.0, learning_rate=1e-2, scan_steps=16)
+    model = train.pretrain(CFG, ex, cfg, seed=0, progress=False)
+    after = train.eval_loss(model, ex).mean()
+    assert before > 2.0 and after < 0.2 * before, (before, after)
+
+
+def test_init_matches_build():
+    state_M = train._init_many(jax.numpy.stack([jax.random.key(3), jax.random.key(5)]),
+                               model_cfg=CFG)
+    for i, seed in enumerate((3, 5)):
+        want = jax.tree.leaves(nnx.state(models.build(CFG, seed)))
+        for a, b in zip(jax.tree.leaves(state_M), want):
+            np.testing.assert_allclose(a[i], b, rtol=1e-6, atol=1e-7)  # jit vs eager: 1 ulp
+
+
+def test_vmapped_models_equal_separate_runs():
+    ex = _random_examples()
+    idx = np.stack([np.arange(0, 24), np.arange(16, 40)])
+    seeds = np.array([7, 11])
+    graphdef, state_2 = train.train_many(CFG, ex, idx, seeds, FAST, progress=False)
+    assert all(leaf.shape[0] == 2 for leaf in jax.tree.leaves(state_2))
+    for i in range(2):
+        g1, state_1 = train.train_many(CFG, ex, idx[i : i + 1], seeds[i : i + 1], FAST,
+                                       progress=False)
+        for a, b in zip(_leaves(graphdef, state_2, i), _leaves(g1, state_1, 0)):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    # different subsets (and seeds) give different models
+    a, b = _leaves(graphdef, state_2, 0), _leaves(graphdef, state_2, 1)
+    assert not any(np.allclose(x, y) for x, y in zip(a, b))
+
+
+def test_same_seed_different_subsets_differ_and_chunking_is_invisible():
+    ex = _random_examples()
+    idx = np.stack([np.arange(0, 24), np.arange(16, 40)])
+    g, s = train.train_many(CFG, ex, idx, np.array([0, 0]), FAST, progress=False)
+    assert not np.allclose(_leaves(g, s, 0)[-1], _leaves(g, s, 1)[-1])
+    # 6 steps in chunks of 4 (one padded, skipped step) == chunks of 5 == one chunk
+    for scan_steps in (5, 64):
+        cfg = train.TrainConfig(**{**FAST.to_dict(), "scan_steps": scan_steps})
+        g2, s2 = train.train_many(CFG, ex, idx, np.array([0, 0]), cfg, progress=False)
+        for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(s2)):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_eval_losses_shape_and_agreement():
+    ex = _random_examples(n=21)
+    graphdef, state_M = train.stack([models.build(CFG, s) for s in range(3)])
+    losses = train.eval_losses(graphdef, state_M, ex, batch_size=24)  # 8 per step, 21 = 8+8+5
+    assert losses.shape == (3, 21) and losses.dtype == np.float32
+    for i in range(3):
+        model = train.unstack(graphdef, state_M, i)
+        np.testing.assert_allclose(losses[i], train.eval_loss(model, ex), rtol=1e-5, atol=1e-5)
+        want = models.example_loss(model(ex.inputs), ex.targets)
+        np.testing.assert_allclose(losses[i], want, rtol=1e-5, atol=1e-5)
+
+
+def test_stack_unstack_round_trip():
+    mods = [models.build(CFG, s) for s in (1, 2)]
+    graphdef, state_M = train.stack(mods)
+    x = _random_examples().inputs[:2]
+    for i, m in enumerate(mods):
+        np.testing.assert_array_equal(train.unstack(graphdef, state_M, i)(x), m(x))
+    with pytest.raises(IndexError):
+        train.unstack(graphdef, state_M, 2)
+    with pytest.raises(ValueError, match="identical structure"):
+        train.stack([mods[0], models.build(models.MLPConfig(3, (4,), 2), 0)])
+
+
+def test_mlp_classifier_trains():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 5)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int32)
+    ex = Examples(inputs=x, targets=y, ids=np.arange(64))
+    cfg = models.MLPConfig(in_dim=5, hidden=(16,), n_classes=2)
+    g, s = train.train_many(cfg, ex, np.arange(64)[None], np.array([0]),
+                            train.TrainConfig(batch_size=16, epochs=30, learning_rate=3e-2),
+                            progress=False)
+    assert train.eval_losses(g, s, ex).mean() < 0.25
+
+
+def test_bad_inputs_raise():
+    ex = _random_examples()
+    idx = np.arange(16)[None]
+    with pytest.raises(ValueError, match="outside"):
+        train.train_many(CFG, ex, np.array([[0, 40] * 8]), np.array([0]), FAST, progress=False)
+    with pytest.raises(ValueError, match="seeds"):
+        train.train_many(CFG, ex, idx, np.array([0, 1]), FAST, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        train.train_many(CFG, ex, idx[:, :4], np.array([0]), FAST, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        train.train_many(CFG, ex[np.arange(0)], idx, np.array([0]), FAST, progress=False)
+    with pytest.raises(ValueError, match="token ids"):
+        bad = Examples(inputs=ex.inputs + V, targets=ex.targets, ids=ex.ids)
+        train.train_many(CFG, bad, idx, np.array([0]), FAST, progress=False)
+    with pytest.raises(ValueError, match="seq_len"):
+        long = models.GPTConfig(vocab_size=V, seq_len=T - 1, n_layers=1, d_model=8, n_heads=2)
+        train.train_many(long, ex, idx, np.array([0]), FAST, progress=False)
+    with pytest.raises(ValueError, match="integer"):
+        train.train_many(CFG, ex, idx.astype(float), np.array([0]), FAST, progress=False)
+    with pytest.raises(ValueError):
+        train.TrainConfig(epochs=0)
