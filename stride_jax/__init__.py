@@ -18,7 +18,7 @@ from stride_jax.design import Design, alpha_subsets, left_regular_design
 from stride_jax.fit import Fitter, fit_operators
 from stride_jax import lds  # the module: stride_jax.lds.lds(scores, subsets, losses)
 from stride_jax.lds import LDSResult, noise_ceiling, spearman
-from stride_jax.measure import Measurement, measure, responses
+from stride_jax.measure import Measurement, responses
 from stride_jax.recovery import FistaConfig, FistaResult, fista_lasso, lambda_max
 from stride_jax.steering import OperatorBank, SteeringOperator, init_bank
 
@@ -48,7 +48,6 @@ __all__ = [
     "lambda_max",
     "lds",
     "left_regular_design",
-    "measure",
     "noise_ceiling",
     "responses",
     "spearman",

@@ -33,7 +33,7 @@ from stride_jax.config import StrideConfig, from_dict, to_dict
 class DataConfig:
     sources: tuple[str, ...] = ("austen", "shakespeare", "bible")
     seq_len: int = 64
-    train_per_source: int = 400
+    train_per_source: int = 256
     val_queries_per_source: int = 20
     test_queries_per_source: int = 40
     seed: int = 0
@@ -42,7 +42,7 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     n_layers: int = 2
-    d_model: int = 128
+    d_model: int = 64
     n_heads: int = 4
     seed: int = 0
 
@@ -53,7 +53,7 @@ class ExperimentConfig:
     data: DataConfig = DataConfig()
     model: ModelSpec = ModelSpec()
     pretrain: train_lib.TrainConfig = train_lib.TrainConfig(epochs=4.0)
-    retrain: train_lib.TrainConfig = train_lib.TrainConfig(epochs=4.0)
+    retrain: train_lib.TrainConfig = train_lib.TrainConfig(epochs=3.0)
     groundtruth: gt_lib.GroundTruthConfig = gt_lib.GroundTruthConfig()
     stride: StrideConfig = StrideConfig()
     n_show: int = 3  # queries whose top passages are printed

@@ -73,10 +73,33 @@ def prox_nonneg_l1(x: jax.Array, l1reg: jax.Array, scaling: jax.Array = 1.0) -> 
 # n_subsets = K static. Design ids equal to K mean "no subset" (rows removed by select_lambda).
 
 
+@functools.lru_cache(maxsize=None)
+def _query_batched_matvec(n_subsets: int):
+    """design_matvec whose vmap over queries runs as one [N, Q] -> [K, Q] product.
+
+    Plain vmap batches each segment sum over a leading query axis, which scatters strided
+    slices; moving the query axis last scatters contiguous rows and measured 2x faster on CPU.
+    """
+
+    @jax.custom_batching.custom_vmap
+    def matvec(ids_NxS, w):
+        return design_matvec(ids_NxS, n_subsets, w)
+
+    @matvec.def_vmap
+    def _rule(axis_size, in_batched, ids_NxS, w):
+        del axis_size
+        if in_batched[0]:  # a batch of designs: no shortcut
+            return jax.vmap(matvec)(ids_NxS, w), True
+        out = design_matvec(ids_NxS, n_subsets, jnp.moveaxis(w, 0, -1))
+        return jnp.moveaxis(out, -1, 0), True
+
+    return matvec
+
+
 def _operand_matvec(operand: jax.Array, n_subsets: int | None, w: jax.Array) -> jax.Array:
     if n_subsets is None:
         return operand @ w
-    return design_matvec(operand, n_subsets, w)
+    return _query_batched_matvec(n_subsets)(operand, w)
 
 
 def _operand_rmatvec(operand: jax.Array, n_subsets: int | None, r: jax.Array) -> jax.Array:

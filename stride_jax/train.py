@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +40,11 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimiser and schedule (frozen, hashable: reaches jit as a static argument).
+    """Optimiser and schedule (frozen, hashable; its optimiser fields reach jit as static).
 
-    AdamW (b1, b2), global-norm clipping, linear warmup over `warmup_frac` of the steps, then
-    cosine decay to `final_lr_frac * learning_rate`. Weight decay applies to matrices only
+    AdamW (b1, b2), global-norm clipping, linear warmup over floor(warmup_frac * steps) steps
+    (step i at lr (i+1)/warmup), then cosine decay to `final_lr_frac * learning_rate` at the
+    last step. Weight decay applies to matrices only
     (ndim >= 2). Steps = ceil(epochs * subset_size / batch_size); data are drawn as a stream of
     per-epoch permutations of each model's subset, so no example is dropped at epoch ends.
     `scan_steps` (steps per jitted chunk) changes speed, never results.
@@ -79,19 +80,43 @@ class TrainConfig:
         return max(1, math.ceil(self.epochs * subset_size / self.batch_size))
 
 
-def _make_tx(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    warmup = int(cfg.warmup_frac * total_steps)
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else cfg.learning_rate,
-        peak_value=cfg.learning_rate,
-        warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1),
-        end_value=cfg.learning_rate * cfg.final_lr_frac,
-    )
+class _Optim(NamedTuple):
+    """The part of TrainConfig that reaches jit (static, hashable). Epochs, batch size and
+    scan_steps only set shapes or the step count, which is traced, so they do not recompile."""
+
+    learning_rate: float
+    weight_decay: float
+    warmup_frac: float
+    final_lr_frac: float
+    grad_clip: float
+    b1: float
+    b2: float
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> _Optim:
+        return cls(*(float(getattr(cfg, f)) for f in cls._fields))
+
+
+def _learning_rate(step: jax.Array, total_steps: jax.Array, opt: _Optim) -> jax.Array:
+    """Linear warmup over floor(warmup_frac * total) steps, then cosine to final_lr_frac * lr."""
+    warmup = jnp.floor(opt.warmup_frac * total_steps)
+    warm = (step + 1) / jnp.maximum(warmup, 1.0)
+    frac = jnp.clip((step - warmup) / jnp.maximum(total_steps - warmup, 1.0), 0.0, 1.0)
+    cosine = opt.final_lr_frac + (1 - opt.final_lr_frac) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
+    return opt.learning_rate * jnp.where(step < warmup, warm, cosine)
+
+
+def _make_tx(opt: _Optim, total_steps: jax.Array) -> optax.GradientTransformation:
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask),
+        optax.clip_by_global_norm(opt.grad_clip),
+        optax.adamw(
+            lambda step: _learning_rate(step, total_steps, opt),
+            b1=opt.b1,
+            b2=opt.b2,
+            weight_decay=opt.weight_decay,
+            mask=decay_mask,
+        ),
     )
 
 
@@ -183,9 +208,9 @@ def _mean_loss(params: nnx.State, graphdef: nnx.GraphDef, x: jax.Array, y: jax.A
     return models.example_loss(nnx.merge(graphdef, params)(x), y).mean()
 
 
-def _train_chunk(params_M, opt_M, inputs_N, targets_N, idx_CxMxB, valid_C, *, graphdef, cfg, total_steps):
+def _train_chunk(params_M, opt_M, inputs_N, targets_N, idx_CxMxB, valid_C, total_steps, *, graphdef, opt):
     """`C` optimiser steps for M models (vmapped); steps with valid=False leave the state as is."""
-    tx = _make_tx(cfg, total_steps)
+    tx = _make_tx(opt, total_steps)
 
     def one_model(params, opt_state, x, y):
         loss, grads = jax.value_and_grad(_mean_loss)(params, graphdef, x, y)
@@ -208,19 +233,20 @@ def _train_chunk(params_M, opt_M, inputs_N, targets_N, idx_CxMxB, valid_C, *, gr
     return params_M, opt_M, loss_CxM
 
 
-_STATIC = ("graphdef", "cfg", "total_steps")
+_STATIC = ("graphdef", "opt")
 _train_chunk_jit = jax.jit(_train_chunk, static_argnames=_STATIC)
 _train_chunk_donate = jax.jit(_train_chunk, static_argnames=_STATIC, donate_argnums=(0, 1))
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg",))
-def _init_many(keys_M: jax.Array, *, model_cfg: models.ModelConfig) -> nnx.State:
-    return jax.vmap(lambda key: nnx.split(models._build_with_key(model_cfg, key))[1])(keys_M)
+def _init_many(model_cfg: models.ModelConfig, seeds_M: np.ndarray) -> nnx.State:
+    """Stacked initial params, model m from jax.random.key(seeds_M[m]) (== models.build)."""
+    states = [models.init_state(jax.random.key(int(s)), cfg=model_cfg) for s in seeds_M]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "total_steps"))
-def _init_opt(params_M: nnx.State, *, cfg: TrainConfig, total_steps: int):
-    return jax.vmap(_make_tx(cfg, total_steps).init)(params_M)
+@functools.partial(jax.jit, static_argnames=("opt",))
+def _init_opt(params_M: nnx.State, *, opt: _Optim):
+    return jax.vmap(_make_tx(opt, jnp.float32(1)).init)(params_M)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -255,10 +281,10 @@ def train_many(
         [_batch_order(row, s, total_steps, cfg.batch_size) for row, s in zip(idx_MxNs, seeds)]
     )
 
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.build(model_cfg, 0)))
-    keys_M = jnp.stack([jax.random.key(int(s)) for s in seeds])
-    params_M = _init_many(keys_M, model_cfg=model_cfg)
-    opt_M = _init_opt(params_M, cfg=cfg, total_steps=total_steps)
+    graphdef = models.graphdef_of(model_cfg)
+    params_M = _init_many(model_cfg, seeds)
+    opt = _Optim.of(cfg)
+    opt_M = _init_opt(params_M, opt=opt)
     inputs_N, targets_N = jnp.asarray(examples.inputs), jnp.asarray(examples.targets)
 
     chunk = min(cfg.scan_steps, total_steps)
@@ -278,9 +304,9 @@ def train_many(
             targets_N,
             jnp.asarray(order_MxSxB[:, sl].transpose(1, 0, 2)),
             jnp.asarray(valid_S[sl]),
+            jnp.float32(total_steps),
             graphdef=graphdef,
-            cfg=cfg,
-            total_steps=total_steps,
+            opt=opt,
         )
         if progress:
             loss_CxM = np.asarray(loss_CxM)[valid_S[sl]]

@@ -1,0 +1,78 @@
+"""Measurement: batched, chunked y[q, k] equals the per-operator reference; responses' centring."""
+
+import jax
+import numpy as np
+import pytest
+
+from stride_jax import models, steering
+from stride_jax.config import MeasureConfig, SteeringConfig
+from stride_jax.measure import Measurement, measure, raw_responses, responses
+
+CFG = models.GPTConfig(vocab_size=40, seq_len=8, n_layers=2, d_model=16, n_heads=2)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = models.build(CFG, seed=0)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, CFG.vocab_size, (7, CFG.seq_len + 1)).astype(np.int32)
+    return model, tokens[:, :-1], tokens[:, 1:]
+
+
+@pytest.mark.parametrize("placement", ["logits", "residual"])
+def test_measure_matches_reference_and_is_chunk_invariant(setup, placement):
+    model, x, t = setup
+    cfg = SteeringConfig(layer=1, rank=3, placement=placement)
+    bank = steering.init_bank(model, 6, cfg, seed=0)
+    bank = bank._replace(coef=jax.tree.map(lambda c: 0.5 * jax.random.normal(jax.random.PRNGKey(2), c.shape),
+                                           bank.coef))
+    m = measure(model, bank, x, t, cfg, MeasureConfig(query_chunk=3, operator_chunk=4), progress=False)
+    h = model.trunk(x, layer=1)
+    o = model.rest(h, layer=1)
+    ref = np.stack([
+        np.asarray(models.example_loss(
+            steering.apply_operator(bank.graphdef, bank.basis, jax.tree.map(lambda c: c[k], bank.coef),
+                                    model, h, o, cfg), t))
+        for k in range(6)
+    ], axis=1)
+    np.testing.assert_allclose(m.steered_loss_QxK, ref, rtol=1e-5)
+    np.testing.assert_allclose(m.base_loss_Q, np.asarray(models.example_loss(o, t)), rtol=1e-6)
+    whole = measure(model, bank, x, t, cfg, MeasureConfig(query_chunk=64, operator_chunk=64), progress=False)
+    np.testing.assert_allclose(whole.steered_loss_QxK, m.steered_loss_QxK, rtol=1e-5)
+
+
+def test_zero_bank_measures_zero_response(setup):
+    model, x, t = setup
+    cfg = SteeringConfig(layer=2, rank=2)
+    m = measure(model, steering.init_bank(model, 3, cfg, seed=0), x, t, cfg, progress=False)
+    assert np.array_equal(raw_responses(m, MeasureConfig(space="diff")), np.zeros((7, 3)))
+
+
+def test_responses_sign_and_centring():
+    m = Measurement(base_loss_Q=np.array([2.0, 4.0]), steered_loss_QxK=np.array([[1.0, 2.0, 4.0], [4.0, 2.0, 1.0]]))
+    y = raw_responses(m, MeasureConfig(space="diff"))
+    assert y[0, 0] == 1.0  # operator 0 lowered query 0's loss: positive
+    yl = raw_responses(m, MeasureConfig(space="log"))
+    np.testing.assert_allclose(yl[0, 0], np.log(2.0))
+    yc = responses(m, MeasureConfig(space="diff", center_operators=True, center_queries=True))
+    np.testing.assert_allclose(yc.mean(axis=1), 0.0, atol=1e-6)
+    ref = Measurement(np.array([1.0]), np.array([[1.0, 1.0, 0.0]]))
+    yr = responses(m, MeasureConfig(space="diff", center_operators=True, center_queries=False), reference=ref)
+    np.testing.assert_allclose(yr, y - np.array([[0.0, 0.0, 1.0]]))
+
+
+def test_nan_measurements_are_rejected():
+    m = Measurement(np.array([1.0, 2.0]), np.array([[1.0, np.nan], [np.inf, 1.0]]))
+    with pytest.raises(ValueError, match="2 measured losses are NaN or inf"):
+        responses(m)
+
+
+def test_measure_rejects_bad_queries(setup):
+    model, x, t = setup
+    cfg = SteeringConfig(layer=1, rank=2)
+    bank = steering.init_bank(model, 2, cfg, seed=0)
+    with pytest.raises(ValueError, match="no queries"):
+        measure(model, bank, x[:0], t[:0], cfg, progress=False)
+    long_x = np.zeros((2, CFG.seq_len + 4), np.int32)
+    with pytest.raises(ValueError, match="seq_len|longer|context"):
+        measure(model, bank, long_x, long_x, cfg, progress=False)
