@@ -26,26 +26,28 @@ def design_matvec(ids_NxS: jax.Array, n_subsets: int, w: jax.Array) -> jax.Array
     Pure and jit/vmap-able with `n_subsets` static. One segment sum per membership column s
     (S is small and static): summing over the flattened [N * S] ids instead would materialise
     w repeated S times, an [N * S, Q] temporary, and measured several times slower on CPU.
-    An id equal to `n_subsets` means "no subset" and is dropped (rows removed from a design).
+    Ids must lie in [0, n_subsets] (`Design` checks this); an id equal to `n_subsets` means
+    "no subset": it lands in a spare row that is dropped.
     """
     w = jnp.asarray(w)
-    out = jnp.zeros((n_subsets,) + w.shape[1:], w.dtype)
+    out = jnp.zeros((n_subsets + 1,) + w.shape[1:], w.dtype)
     for s in range(ids_NxS.shape[1]):
         out = out + jax.ops.segment_sum(
-            w, ids_NxS[:, s], num_segments=n_subsets, mode=jax.lax.GatherScatterMode.FILL_OR_DROP
+            w, ids_NxS[:, s], num_segments=n_subsets + 1, mode="promise_in_bounds"
         )
-    return out
+    return out[:n_subsets]
 
 
 def design_rmatvec(ids_NxS: jax.Array, r: jax.Array) -> jax.Array:
     """M^T r for r of shape [K] or [K, Q] -> [N] or [N, Q]: sum over s of r[ids_NxS[:, s]].
 
-    Pure and jit/vmap-able. Ids equal to K (= len(r)) contribute zero.
+    Pure and jit/vmap-able. An id equal to K (= len(r)) means "no subset" and reads a zero.
     """
     r = jnp.asarray(r)
-    out = jnp.take(r, ids_NxS[:, 0], axis=0, mode="fill", fill_value=0)
+    r = jnp.concatenate([r, jnp.zeros((1,) + r.shape[1:], r.dtype)])  # the spare zero row
+    out = jnp.take(r, ids_NxS[:, 0], axis=0, mode="clip")
     for s in range(1, ids_NxS.shape[1]):
-        out = out + jnp.take(r, ids_NxS[:, s], axis=0, mode="fill", fill_value=0)
+        out = out + jnp.take(r, ids_NxS[:, s], axis=0, mode="clip")
     return out
 
 

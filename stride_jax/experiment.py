@@ -12,6 +12,7 @@ every choice of settings) and test queries (reported) in one sweep; columns are 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -153,72 +154,160 @@ def evaluate(attr: Attribution, subsets: np.ndarray, losses_MxQ: np.ndarray, col
     return lds_lib.lds(attr.scores[:, cols], subsets, losses_MxQ[:, cols], seed=seed)
 
 
+@dataclasses.dataclass
+class Prepared:
+    """Everything STRIDE and the baselines are scored against: pool, queries, model, ground truth."""
+
+    train: Any
+    queries: Any  # validation queries then test queries
+    val_cols: np.ndarray
+    test_cols: np.ndarray
+    model: Any
+    model_cfg: models_lib.GPTConfig
+    subsets: np.ndarray  # [M, Ns]
+    losses_MxRxQ: np.ndarray
+
+    @property
+    def mean_losses(self) -> np.ndarray:
+        return self.losses_MxRxQ.mean(axis=1)
+
+    def lds(self, attr: Attribution, split: str = "test") -> dict[str, Any]:
+        cols = self.test_cols if split == "test" else self.val_cols
+        return evaluate(attr, self.subsets, self.mean_losses, cols).to_dict()
+
+
+def prepare(cfg: ExperimentConfig, out: Path, timer: Timer, *, progress: bool = True) -> Prepared:
+    """Data, base model and ground truth of `cfg`, each loaded from `out` when already there."""
+    with timer("data"):
+        train, val, test = load_data(cfg)
+        queries = concat_examples(val, test)
+    print(f"data: {len(train)} training examples, {len(val)} validation + {len(test)} test queries "
+          f"(sources {', '.join(cfg.data.sources)}, {cfg.data.seq_len} tokens each)")
+    with timer("pretrain"):
+        model, mcfg = base_model(cfg, train, out, progress=progress)
+    with timer("groundtruth"):
+        store = gt_lib.GroundTruthStore.create_or_open(
+            out / "groundtruth", cfg.groundtruth, mcfg, cfg.retrain, train, queries
+        )
+        gt_lib.run_groundtruth(store, mcfg, cfg.retrain, train, queries, progress=progress)
+    return Prepared(
+        train=train, queries=queries, val_cols=np.arange(len(val)), test_cols=np.arange(len(val), len(queries)),
+        model=model, model_cfg=mcfg, subsets=store.subsets(), losses_MxRxQ=store.losses(),
+    )
+
+
+def fit_stride(p: Prepared, stride_cfg: StrideConfig, workdir: Path, *, progress: bool = True) -> Stride:
+    """Fit STRIDE on the prepared pool (resuming from `workdir`)."""
+    return Stride(stride_cfg).fit(
+        p.model, p.train, workdir=workdir, progress=progress,
+        fingerprint={"data_hash": p.train.content_hash(), "model": p.model_cfg.to_dict()},
+    )
+
+
 def run_lds_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Run every stage (resuming from `out`), print the LDS table, write `out/report.json`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     timer = Timer()
-
-    with timer("data"):
-        train, val, test = load_data(cfg)
-        queries = concat_examples(val, test)
-        val_cols = np.arange(len(val))
-        test_cols = np.arange(len(val), len(queries))
-    print(f"data: {len(train)} training examples, {len(val)} validation + {len(test)} test queries "
-          f"(sources {', '.join(cfg.data.sources)}, {cfg.data.seq_len} tokens each)")
-
-    with timer("pretrain"):
-        model, mcfg = base_model(cfg, train, out, progress=progress)
-    base_losses = train_lib.eval_loss(model, queries)
-    print(f"base model: {mcfg}; mean test-query loss {base_losses[test_cols].mean():.3f}")
-
-    with timer("groundtruth"):
-        store = gt_lib.GroundTruthStore.create_or_open(
-            out / "groundtruth", cfg.groundtruth, mcfg, cfg.retrain, train, queries
-        )
-        gt_lib.run_groundtruth(store, mcfg, cfg.retrain, train, queries, progress=progress)
-    subsets = store.subsets()
-    losses_MxRxQ = store.losses()
-    mean_losses = losses_MxRxQ.mean(axis=1)
+    p = prepare(cfg, out, timer, progress=progress)
+    base_losses = train_lib.eval_loss(p.model, p.queries)
+    print(f"base model: {p.model_cfg}; mean test-query loss {base_losses[p.test_cols].mean():.3f}")
 
     methods: dict[str, Attribution] = {}
-    stride = Stride(cfg.stride)
     with timer("stride_fit"):
-        stride.fit(model, train, workdir=out / "stride_fit", progress=progress,
-                   fingerprint={"data_hash": train.content_hash(), "model": mcfg.to_dict()})
+        stride = fit_stride(p, cfg.stride, out / "stride_fit", progress=progress)
     with timer("stride_attribute"):
-        methods["stride"] = stride.attribute(queries, progress=progress)
+        methods["stride"] = stride.attribute(p.queries, progress=progress)
+    # The same measurements recovered under w >= 0 (chosen on validation queries; see README).
+    nonneg = cfg.stride.replace(recovery={"fista": {"nonneg": True}})
+    if not cfg.stride.recovery.fista.nonneg:
+        with timer("stride_nonneg_recover"):
+            methods["stride-nonneg"] = Stride(nonneg).recover_from(stride, p.queries)
     with timer("baselines"):
-        methods["repr-sim"] = RepresentationSimilarity(cfg.stride.steering.layer).fit(model, train).attribute(queries)
-        methods["random"] = RandomAttributor(seed=0).fit(model, train).attribute(queries)
+        layer = cfg.stride.steering.layer
+        methods["repr-sim"] = RepresentationSimilarity(layer).fit(p.model, p.train).attribute(p.queries)
+        methods["random"] = RandomAttributor(seed=0).fit(p.model, p.train).attribute(p.queries)
     methods["stride"].save(out / "stride_scores")
 
     with timer("lds"):
-        lds_rows: dict[str, Any] = {}
-        val_rows: dict[str, Any] = {}
-        for name, attr in methods.items():
-            lds_rows[name] = evaluate(attr, subsets, mean_losses, test_cols).to_dict()
-            val_rows[name] = evaluate(attr, subsets, mean_losses, val_cols).to_dict()
-        ceiling = noise_ceiling(losses_MxRxQ, test_cols)
+        lds_rows = {name: p.lds(attr, "test") for name, attr in methods.items()}
+        val_rows = {name: p.lds(attr, "val") for name, attr in methods.items()}
+        ceiling = noise_ceiling(p.losses_MxRxQ, p.test_cols)
     report = {
         "lds": lds_rows,
         "lds_validation": val_rows,
         "noise_ceiling": ceiling,
         "seconds": {k: round(v, 2) for k, v in timer.seconds.items()},
         "config": cfg.to_dict(),
-        "n_train": len(train),
-        "n_test_queries": len(test),
-        "n_val_queries": len(val),
+        "n_train": len(p.train),
+        "n_test_queries": len(p.test_cols),
+        "n_val_queries": len(p.val_cols),
         "fista": {
             "mean_iter": float(methods["stride"].n_iter.mean()),
             "converged": float(methods["stride"].converged.mean()),
         },
-        "examples": top_examples(methods["stride"], train, queries, test_cols[: cfg.n_show]),
+        "examples": top_examples(methods["stride"], p.train, p.queries, p.test_cols[: cfg.n_show]),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(format_report(report))
     return report
+
+
+def sweep_stride(
+    cfg: ExperimentConfig,
+    out: str | Path,
+    variants: dict[str, dict[str, Any]],
+    results_path: str | Path,
+    *,
+    split: str = "val",
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """LDS on `split` queries of STRIDE under each variant (overrides of `cfg.stride` sections).
+
+    Reuses `out`'s base model and ground truth. Each variant's fit lives in `out/sweep/<name>`
+    and its row is appended to `results_path` (JSON list) as soon as it is done; variants already
+    in that file are skipped, so the sweep resumes. Variants whose fit settings equal an earlier
+    one's share its fit (only measurement / recovery differ).
+    """
+    out, results_path = Path(out), Path(results_path)
+    rows: list[dict[str, Any]] = json.loads(results_path.read_text()) if results_path.exists() else []
+    done = {r["variant"] for r in rows}
+    timer = Timer()
+    p = prepare(cfg, out, timer, progress=progress)
+    fits: dict[str, tuple[Stride, Any]] = {}
+    for name, override in variants.items():
+        if name in done:
+            continue
+        scfg = cfg.stride.replace(**override)
+        fit_key = json.dumps({k: to_dict(getattr(scfg, k)) for k in ("design", "steering", "fit")}, sort_keys=True)
+        t0 = time.perf_counter()
+        if fit_key not in fits:
+            tag = hashlib.sha256(fit_key.encode()).hexdigest()[:10]
+            stride = fit_stride(p, scfg, out / "sweep" / tag, progress=progress)
+            fits[fit_key] = (stride, stride.measure(p.queries, progress=progress))
+        stride, measurement = fits[fit_key]
+        stride.cfg = scfg  # same operators and raw losses; this variant's centring and recovery
+        attr = stride.recover(stride.responses(measurement), p.queries.ids)
+        row = {"variant": name, "override": override, "split": split, "lds": p.lds(attr, split),
+               "seconds": round(time.perf_counter() - t0, 1),
+               "fista_converged": float(attr.converged.mean())}
+        rows.append(row)
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(rows, indent=2))
+        print(f"{name:<28} LDS({split}) {row['lds']['mean']:.3f} [{row['lds']['ci95'][0]:.3f}, "
+              f"{row['lds']['ci95'][1]:.3f}]  {row['seconds']:.0f}s", flush=True)
+    return rows
+
+
+def write_sweep_table(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Markdown table of a sweep's rows."""
+    lines = ["| variant | override | LDS | 95% CI | seconds |", "|---|---|---|---|---|"]
+    for r in rows:
+        l = r["lds"]
+        lines.append(f"| {r['variant']} | `{json.dumps(r['override'])}` | {l['mean']:.3f} | "
+                     f"[{l['ci95'][0]:.3f}, {l['ci95'][1]:.3f}] | {r['seconds']} |")
+    Path(path).write_text("\n".join(lines) + "\n")
 
 
 def noise_ceiling(losses_MxRxQ: np.ndarray, cols: np.ndarray) -> dict[str, Any]:

@@ -56,7 +56,9 @@ def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim not in (1, 2):
-        raise ValueError(f"spearman needs two [M] or [M, Q] arrays of one shape, got {a.shape}, {b.shape}")
+        raise ValueError(
+            f"spearman needs two [M] or [M, Q] arrays of one shape, got {a.shape}, {b.shape}"
+        )
     rho = _pearson_cols(rankdata(a, axis=0), rankdata(b, axis=0))
     return float(rho) if a.ndim == 1 else rho
 
@@ -178,7 +180,9 @@ def _summarise(per_query: np.ndarray, boot: np.ndarray) -> LDSResult:
 def _check_finite(name: str, x: np.ndarray) -> None:
     n_bad = int(x.size - np.isfinite(x).sum())
     if n_bad:
-        raise ValueError(f"{name} holds {n_bad} NaN/inf entries (of {x.size}); LDS needs finite values")
+        raise ValueError(
+            f"{name} holds {n_bad} NaN/inf entries (of {x.size}); LDS needs finite values"
+        )
 
 
 def _as_2d(name: str, x, n_rows_name: str) -> np.ndarray:
@@ -211,7 +215,7 @@ def lds(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> LDSResult:
-    """Linear Datamodeling Score: per query, Spearman over subsets of sum_{i in S_m} tau_iq and -f_q(S_m).
+    """LDS: per query q, Spearman over subsets m of g_mq = sum_{i in S_m} tau_iq and -f_q(S_m).
 
     Returns the mean over queries whose Spearman is defined (a query whose losses or predictions
     do not vary across subsets gives NaN; `n_nan` counts them) and a 95% percentile interval from
@@ -224,13 +228,16 @@ def lds(
     losses_MxQ = _as_2d("losses_MxQ", losses_MxQ, "M")
     subset_idx_MxNs = np.asarray(subset_idx_MxNs)
     if subset_idx_MxNs.ndim != 2 or not np.issubdtype(subset_idx_MxNs.dtype, np.integer):
-        raise ValueError(f"subset_idx_MxNs must be integer [M, Ns], got {subset_idx_MxNs.dtype} {subset_idx_MxNs.shape}")
+        raise ValueError(
+            f"subset_idx_MxNs must be integer [M, Ns], got {subset_idx_MxNs.dtype} "
+            f"{subset_idx_MxNs.shape}"
+        )
     n, q = scores_NxQ.shape
     m = subset_idx_MxNs.shape[0]
     if subset_idx_MxNs.size and (subset_idx_MxNs.min() < 0 or subset_idx_MxNs.max() >= n):
         raise ValueError(
-            f"subset indices range over [{subset_idx_MxNs.min()}, {subset_idx_MxNs.max()}] but scores_NxQ "
-            f"has N={n} rows: scores must cover every training example the subsets index"
+            f"subset indices range over [{subset_idx_MxNs.min()}, {subset_idx_MxNs.max()}] but "
+            f"scores_NxQ has N={n} rows: scores must cover every training example the subsets index"
         )
     if losses_MxQ.shape[0] != m:
         raise ValueError(f"losses_MxQ has {losses_MxQ.shape[0]} rows but there are M={m} subsets")

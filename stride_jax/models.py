@@ -370,6 +370,8 @@ def _build_with_key(cfg: ModelConfig, key: jax.Array) -> nnx.Module:
         return GPT(cfg, rngs=rngs)
     if isinstance(cfg, MLPConfig):
         return MLP(cfg, rngs=rngs)
+    if isinstance(cfg, ConvConfig):
+        return ConvNet(cfg, rngs=rngs)
     raise TypeError(f"unknown model config type {type(cfg).__name__}")
 
 
@@ -393,7 +395,7 @@ def init_state(key: jax.Array, *, cfg: ModelConfig) -> nnx.State:
 
 def build(cfg: ModelConfig, seed: int) -> nnx.Module:
     """Fresh model initialised from `seed` (the same params as train_many's init for that seed)."""
-    if not isinstance(cfg, (GPTConfig, MLPConfig)):
+    if not isinstance(cfg, tuple(_CONFIGS.values())):
         raise TypeError(f"unknown model config type {type(cfg).__name__}")
     return nnx.merge(graphdef_of(cfg), init_state(jax.random.key(int(seed)), cfg=cfg))
 
@@ -487,3 +489,142 @@ def load_model(
     finally:
         checkpointer.close()
     return nnx.merge(graphdef, state), meta
+
+
+# ----------------------------------------------------------------------------- ConvNet
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvConfig:
+    """Small CNN classifier for images given as flat features [B, H * W * C] (channels last).
+
+    Stages: one 3x3 SAME convolution + ReLU per entry of `channels` (followed by a 2x2 average
+    pool where `pool` is True), then one dense layer + ReLU per entry of `dense`, then the head.
+    Hook point l is the state after l stages (0 = the input pixels), always flattened to
+    [B, D_l] (channels last), so operators and baselines see the same [B, D] contract as the MLP.
+    """
+
+    image_shape: tuple[int, int, int]  # (H, W, C)
+    n_classes: int
+    channels: tuple[int, ...] = (16, 32)
+    pool: tuple[bool, ...] = (False, True)
+    dense: tuple[int, ...] = (64,)
+    kernel_size: int = 3
+
+    model_type = "conv"
+
+    def __post_init__(self):
+        set_ = functools.partial(object.__setattr__, self)
+        set_("image_shape", tuple(int(s) for s in self.image_shape))
+        set_("channels", tuple(int(c) for c in self.channels))
+        set_("pool", tuple(bool(p) for p in self.pool))
+        set_("dense", tuple(int(d) for d in self.dense))
+        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
+            raise ValueError(f"ConvConfig.image_shape must be positive (H, W, C), got {self.image_shape}")
+        if len(self.pool) != len(self.channels):
+            raise ValueError(f"ConvConfig.pool needs one flag per conv stage: {len(self.pool)} flags "
+                             f"for {len(self.channels)} stages")
+        if self.n_classes < 1 or self.kernel_size < 1 or any(w < 1 for w in self.channels + self.dense):
+            raise ValueError(f"ConvConfig widths, kernel_size and n_classes must be positive: {self}")
+        if not self.channels and not self.dense:
+            raise ValueError("ConvConfig needs at least one conv or dense stage")
+        h, w, _ = self.image_shape
+        for i, p in enumerate(self.pool):
+            if p and (h % 2 or w % 2):
+                raise ValueError(f"conv stage {i} pools a {h}x{w} map: 2x2 pooling needs even sides")
+            h, w = (h // 2, w // 2) if p else (h, w)
+
+    @property
+    def in_dim(self) -> int:
+        return math.prod(self.image_shape)
+
+    def stage_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Unflattened state shape at every hook point 0..n_layers ((H, W, C) or (D,))."""
+        shapes: list[tuple[int, ...]] = [self.image_shape]
+        h, w, _ = self.image_shape
+        for c, p in zip(self.channels, self.pool):
+            h, w = (h // 2, w // 2) if p else (h, w)
+            shapes.append((h, w, c))
+        shapes.extend((d,) for d in self.dense)
+        return tuple(shapes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for key in ("image_shape", "channels", "pool", "dense"):
+            d[key] = list(d[key])
+        return {"model_type": self.model_type, **d}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ConvConfig:
+        return cls(**_fields_from_dict(cls, d, cls.model_type))
+
+
+def _avg_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
+    b, h, w, c = x_BxHxWxC.shape
+    return x_BxHxWxC.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+class ConvNet(nnx.Module):
+    """CNN classifier; hook point l = flattened state after l stages (0 = input pixels)."""
+
+    def __init__(self, cfg: ConvConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.n_conv = len(cfg.channels)
+        self.n_layers = len(cfg.channels) + len(cfg.dense)
+        self.out_dim = cfg.n_classes
+        init = nnx.initializers.he_normal()
+        in_c = (cfg.image_shape[2], *cfg.channels)
+        k = (cfg.kernel_size, cfg.kernel_size)
+        self.convs = nnx.List([
+            nnx.Conv(a, b, kernel_size=k, padding="SAME", kernel_init=init, rngs=rngs)
+            for a, b in zip(in_c[:-1], in_c[1:])
+        ])
+        flat = math.prod(cfg.stage_shapes()[self.n_conv])
+        widths = (flat, *cfg.dense)
+        self.denses = nnx.List([
+            nnx.Linear(a, b, kernel_init=init, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])
+        ])
+        self.head = nnx.Linear(widths[-1], cfg.n_classes, rngs=rngs)
+
+    def hidden_dim_at(self, layer: int) -> int:
+        _check_layer(layer, self.n_layers)
+        return math.prod(self.cfg.stage_shapes()[layer])
+
+    def _stage(self, i: int, h_BxD: jax.Array) -> jax.Array:
+        """Stage i (conv or dense) on a flat state [B, D_i] -> [B, D_{i+1}]."""
+        if i < self.n_conv:
+            x = h_BxD.reshape(h_BxD.shape[0], *self.cfg.stage_shapes()[i])
+            x = jax.nn.relu(self.convs[i](x))
+            if self.cfg.pool[i]:
+                x = _avg_pool_2x2(x)
+            return x.reshape(x.shape[0], -1)
+        return jax.nn.relu(self.denses[i - self.n_conv](h_BxD))
+
+    def trunk(self, inputs_BxF: jax.Array, *, layer: int) -> jax.Array:
+        """Flattened state [B, D_l] after `layer` stages (0 = input pixels)."""
+        _check_layer(layer, self.n_layers)
+        if inputs_BxF.ndim != 2 or inputs_BxF.shape[1] != self.cfg.in_dim:
+            raise ValueError(f"ConvNet expects flat images [B, {self.cfg.in_dim}] "
+                             f"(H, W, C = {self.cfg.image_shape}, channels last), got {inputs_BxF.shape}")
+        h_BxD = jnp.asarray(inputs_BxF, jnp.float32)
+        for i in range(layer):
+            h_BxD = self._stage(i, h_BxD)
+        return h_BxD
+
+    def rest(self, h_BxD: jax.Array, *, layer: int) -> jax.Array:
+        """Stages [layer:] and head: float32 logits [B, V]."""
+        _check_layer(layer, self.n_layers)
+        width = self.hidden_dim_at(layer)
+        if h_BxD.ndim != 2 or h_BxD.shape[1] != width:
+            raise ValueError(f"expected h of shape [B, {width}] at layer {layer}, got {h_BxD.shape}")
+        for i in range(layer, self.n_layers):
+            h_BxD = self._stage(i, h_BxD)
+        return self.head(h_BxD).astype(jnp.float32)
+
+    def __call__(self, inputs_BxF: jax.Array) -> jax.Array:
+        return self.rest(self.trunk(inputs_BxF, layer=0), layer=0)
+
+
+ModelConfig = GPTConfig | MLPConfig | ConvConfig
+_CONFIGS[ConvConfig.model_type] = ConvConfig
+__all__ += ["ConvConfig", "ConvNet"]

@@ -81,10 +81,10 @@ class TrainConfig:
 
 
 class _Optim(NamedTuple):
-    """The part of TrainConfig that reaches jit (static, hashable). Epochs, batch size and
-    scan_steps only set shapes or the step count, which is traced, so they do not recompile."""
+    """The part of TrainConfig that reaches jit as static. The learning rate and step count are
+    traced scalars and batch size / scan_steps set shapes, so sweeps over epochs or learning
+    rates reuse one compiled step."""
 
-    learning_rate: float
     weight_decay: float
     warmup_frac: float
     final_lr_frac: float
@@ -97,21 +97,21 @@ class _Optim(NamedTuple):
         return cls(*(float(getattr(cfg, f)) for f in cls._fields))
 
 
-def _learning_rate(step: jax.Array, total_steps: jax.Array, opt: _Optim) -> jax.Array:
+def _learning_rate(step: jax.Array, peak: jax.Array, total_steps: jax.Array, opt: _Optim) -> jax.Array:
     """Linear warmup over floor(warmup_frac * total) steps, then cosine to final_lr_frac * lr."""
     warmup = jnp.floor(opt.warmup_frac * total_steps)
     warm = (step + 1) / jnp.maximum(warmup, 1.0)
     frac = jnp.clip((step - warmup) / jnp.maximum(total_steps - warmup, 1.0), 0.0, 1.0)
     cosine = opt.final_lr_frac + (1 - opt.final_lr_frac) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
-    return opt.learning_rate * jnp.where(step < warmup, warm, cosine)
+    return peak * jnp.where(step < warmup, warm, cosine)
 
 
-def _make_tx(opt: _Optim, total_steps: jax.Array) -> optax.GradientTransformation:
+def _make_tx(opt: _Optim, peak: jax.Array, total_steps: jax.Array) -> optax.GradientTransformation:
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     return optax.chain(
         optax.clip_by_global_norm(opt.grad_clip),
         optax.adamw(
-            lambda step: _learning_rate(step, total_steps, opt),
+            lambda step: _learning_rate(step, peak, total_steps, opt),
             b1=opt.b1,
             b2=opt.b2,
             weight_decay=opt.weight_decay,
@@ -208,9 +208,10 @@ def _mean_loss(params: nnx.State, graphdef: nnx.GraphDef, x: jax.Array, y: jax.A
     return models.example_loss(nnx.merge(graphdef, params)(x), y).mean()
 
 
-def _train_chunk(params_M, opt_M, inputs_N, targets_N, idx_CxMxB, valid_C, total_steps, *, graphdef, opt):
+def _train_chunk(params_M, opt_M, inputs_N, targets_N, idx_CxMxB, valid_C, peak_lr, total_steps, *,
+                 graphdef, opt):
     """`C` optimiser steps for M models (vmapped); steps with valid=False leave the state as is."""
-    tx = _make_tx(opt, total_steps)
+    tx = _make_tx(opt, peak_lr, total_steps)
 
     def one_model(params, opt_state, x, y):
         loss, grads = jax.value_and_grad(_mean_loss)(params, graphdef, x, y)
@@ -246,7 +247,7 @@ def _init_many(model_cfg: models.ModelConfig, seeds_M: np.ndarray) -> nnx.State:
 
 @functools.partial(jax.jit, static_argnames=("opt",))
 def _init_opt(params_M: nnx.State, *, opt: _Optim):
-    return jax.vmap(_make_tx(opt, jnp.float32(1)).init)(params_M)
+    return jax.vmap(_make_tx(opt, jnp.float32(0), jnp.float32(1)).init)(params_M)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -271,7 +272,8 @@ def train_many(
     """Train M fresh models (init and data order from seeds_M[m]) on rows of subset_idx_MxNs.
 
     Returns (graphdef, state_M) with leading axis M on every leaf; `unstack` gives model m,
-    which for M = 1 equals training that model alone (the vmap invariant).
+    which for M = 1 equals training that model alone (the vmap invariant). Raises ValueError on
+    inconsistent inputs and FloatingPointError if a model's last training loss is not finite.
     """
     _check_examples(model_cfg, examples)
     idx_MxNs, seeds = _check_subsets(subset_idx_MxNs, seeds_M, len(examples.inputs), cfg.batch_size)
@@ -304,16 +306,24 @@ def train_many(
             targets_N,
             jnp.asarray(order_MxSxB[:, sl].transpose(1, 0, 2)),
             jnp.asarray(valid_S[sl]),
+            jnp.float32(cfg.learning_rate),
             jnp.float32(total_steps),
             graphdef=graphdef,
             opt=opt,
         )
         if progress:
             loss_CxM = np.asarray(loss_CxM)[valid_S[sl]]
-            bar.set_postfix(loss=f"{loss_CxM[-1].mean():.4f}")
+            bar.set_postfix(loss=f"{loss_CxM.mean():.4f}")
             bar.update(len(loss_CxM))
     bar.close()
-    return graphdef, jax.block_until_ready(params_M)
+    final_loss_M = np.asarray(loss_CxM)[-1] if progress else np.asarray(loss_CxM)[valid_S[sl]][-1]
+    if not np.isfinite(final_loss_M).all():
+        bad = np.flatnonzero(~np.isfinite(final_loss_M))
+        raise FloatingPointError(
+            f"training diverged (non-finite loss) for models {bad.tolist()} (seeds "
+            f"{seeds[bad].tolist()}); lower TrainConfig.learning_rate or raise warmup_frac"
+        )
+    return graphdef, params_M
 
 
 def pretrain(

@@ -1,0 +1,71 @@
+"""Choose STRIDE's settings for the language-model demo by LDS on *validation* queries.
+
+    python experiments/tune_stride_lm.py --out runs/demo    # reuses the demo's model + ground truth
+
+Writes experiments/results/lm_tuning.json (one row per variant; resumable) and a markdown table.
+Test queries are never looked at here; the demo reports them with the chosen defaults.
+"""
+
+import argparse
+
+from stride_jax.experiment import ExperimentConfig, sweep_stride, write_sweep_table
+
+VARIANTS = {
+    "default": {},
+    # recovery and measurement (same operators)
+    "lambda 0.005": {"recovery": {"lambda_frac": 0.005}},
+    "lambda 0.01": {"recovery": {"lambda_frac": 0.01}},
+    "lambda 0.02": {"recovery": {"lambda_frac": 0.02}},
+    "lambda 0.1": {"recovery": {"lambda_frac": 0.1}},
+    "lambda 0.2": {"recovery": {"lambda_frac": 0.2}},
+    "lambda 0.4": {"recovery": {"lambda_frac": 0.4}},
+    "lambda auto (held-out subsets)": {"recovery": {"lambda_frac": "auto"}},
+    "lasso nonneg": {"recovery": {"fista": {"nonneg": True}}},
+    "space diff": {"measure": {"space": "diff"}},
+    "no operator centring": {"measure": {"center_operators": False}},
+    "no query centring": {"measure": {"center_queries": False}},
+    "no centring": {"measure": {"center_operators": False, "center_queries": False}},
+    # design
+    "K 256": {"design": {"n_subsets": 256}},
+    "K 1024": {"design": {"n_subsets": 1024}},
+    "d 4": {"design": {"per_example": 4}},
+    "d 16": {"design": {"per_example": 16}},
+    # operators
+    "rank 4": {"steering": {"rank": 4}},
+    "rank 64": {"steering": {"rank": 64}},
+    "rank 1": {"steering": {"rank": 1}},
+    "rank 2": {"steering": {"rank": 2}},
+    "rank 8": {"steering": {"rank": 8}},
+    "layer 0": {"steering": {"layer": 0}},
+    "layer 2": {"steering": {"layer": 2}},
+    "residual placement": {"steering": {"placement": "residual"}},
+    # fitting
+    "steps 100": {"fit": {"steps": 100}},
+    "steps 600": {"fit": {"steps": 600}},
+    "stability 0.1": {"fit": {"stability_weight": 0.1}},
+    "stability 10": {"fit": {"stability_weight": 10.0}},
+    "linearity 1": {"fit": {"linearity_weight": 1.0}},
+    "lr 0.01": {"fit": {"learning_rate": 0.01}},
+    # second round: combinations around the best single changes
+    "rank 4 + nonneg": {"steering": {"rank": 4}, "recovery": {"fista": {"nonneg": True}}},
+    "rank 4 + lambda 0.1": {"steering": {"rank": 4}, "recovery": {"lambda_frac": 0.1}},
+    "rank 4 + lambda 0.02": {"steering": {"rank": 4}, "recovery": {"lambda_frac": 0.02}},
+    "rank 4 + K 1024": {"steering": {"rank": 4}, "design": {"n_subsets": 1024}},
+    "rank 4 + steps 600": {"steering": {"rank": 4}, "fit": {"steps": 600}},
+    "rank 4 + stability 10": {"steering": {"rank": 4}, "fit": {"stability_weight": 10.0}},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/demo")
+    ap.add_argument("--results", default="experiments/results/lm_tuning.json")
+    ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    args = ap.parse_args()
+    variants = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only}
+    rows = sweep_stride(ExperimentConfig(), args.out, variants, args.results)
+    write_sweep_table(rows, args.results.replace(".json", ".md"))
+
+
+if __name__ == "__main__":
+    main()

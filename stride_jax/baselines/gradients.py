@@ -1,0 +1,278 @@
+"""Per-example gradients and the gradient-similarity baselines GradDot and TracIn.
+
+A step of gradient descent on training example i with learning rate eta changes the loss of
+query q by about  -eta * g_q . g_i  (g = gradient of the per-example loss w.r.t. every
+`nnx.Param`). So under the project's sign convention (positive = including the example lowers
+the query's loss)
+
+    GradDot:  tau_iq = g_i . g_q                         at the final model
+    TracIn:   tau_iq = sum_c eta_c * g_i(c) . g_q(c)     over checkpoints c of training
+
+(Pruthi et al. 2020, "Estimating Training Data Influence by Tracing Gradient Descent", the
+TracInCP form). With Adam the learning rate is not the step size along the gradient, so TracIn
+here is the usual first-order heuristic, not an exact trace of training.
+
+Per-example gradients come from `jax.vmap(jax.grad(loss of one example))` over chunks of
+examples, flattened with `ravel_pytree` into [B, P]. Memory: when N x P floats fit in
+`max_cache_bytes` the training gradients are cached at `fit`; otherwise they are recomputed
+chunk by chunk at `attribute`, once per block of queries whose gradients fit in that budget,
+so the [N, P] matrix is never materialised.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+from stride_jax import models
+from stride_jax.attribution import Attribution, ExampleSet
+from stride_jax.baselines.base import make_attribution
+
+__all__ = [
+    "GradDot",
+    "TracIn",
+    "split_params",
+    "num_params",
+    "per_example_grads",
+    "iter_grad_chunks",
+    "check_queries",
+]
+
+DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB of cached float32 gradients
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, params, rest): the model's nnx.Param state and everything else."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def num_params(model: nnx.Module) -> int:
+    """P, the number of scalar parameters (nnx.Param leaves) of `model`."""
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def _one_loss(params: nnx.State, rest: nnx.State, x: jax.Array, y: jax.Array, graphdef: nnx.GraphDef):
+    """Loss of one example (no batch axis on x, y)."""
+    model = nnx.merge(graphdef, params, rest)
+    return models.example_loss(model(x[None]), y[None])[0]
+
+
+def _flat_grads_fn(params, rest, x_B, y_B, *, graphdef) -> jax.Array:
+    """Per-example loss gradients, flattened: [B, P]."""
+
+    def one(x, y):
+        return ravel_pytree(jax.grad(_one_loss)(params, rest, x, y, graphdef))[0]
+
+    return jax.vmap(one)(x_B, y_B)
+
+
+_flat_grads = jax.jit(_flat_grads_fn, static_argnames=("graphdef",))
+
+
+def _padded_chunks(n: int, chunk: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(start, stop, idx) with idx of fixed length `chunk` (the last one padded by repeats), so
+    every chunk has one shape and compiles once."""
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        idx = np.arange(start, start + chunk)
+        idx[idx >= stop] = stop - 1
+        yield start, stop, idx
+
+
+def _chunk_size(n: int, chunk: int) -> int:
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk}")
+    return min(chunk, n)
+
+
+def iter_grad_chunks(
+    model: nnx.Module, examples: ExampleSet, chunk_size: int = 32
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield (start, stop, grads [stop - start, P] float32) over `examples` in chunks."""
+    graphdef, params, rest = split_params(model)
+    x, y = np.asarray(examples.inputs), np.asarray(examples.targets)
+    chunk = _chunk_size(len(x), chunk_size)
+    for start, stop, idx in _padded_chunks(len(x), chunk):
+        g = _flat_grads(params, rest, jnp.asarray(x[idx]), jnp.asarray(y[idx]), graphdef=graphdef)
+        yield start, stop, np.asarray(g[: stop - start], dtype=np.float32)
+
+
+def per_example_grads(model: nnx.Module, examples: ExampleSet, chunk_size: int = 32) -> np.ndarray:
+    """All per-example loss gradients [N, P] (float32; only for small N x P)."""
+    out = [g for _, _, g in iter_grad_chunks(model, examples, chunk_size)]
+    return np.concatenate(out)
+
+
+def check_queries(train: ExampleSet, queries: ExampleSet) -> None:
+    """Queries must look like the training examples (same per-example shapes, non-empty)."""
+    if len(queries.inputs) == 0:
+        raise ValueError("queries is empty")
+    if len(queries.targets) != len(queries.inputs) or len(queries.ids) != len(queries.inputs):
+        raise ValueError("queries have mismatched inputs / targets / ids lengths")
+    for name in ("inputs", "targets"):
+        a, b = np.shape(getattr(train, name))[1:], np.shape(getattr(queries, name))[1:]
+        if a != b:
+            raise ValueError(f"query {name} have per-example shape {b}, training examples {a}")
+
+
+def check_train(train: ExampleSet) -> None:
+    n = len(train.inputs)
+    if n == 0:
+        raise ValueError("training set is empty")
+    if len(train.targets) != n or len(train.ids) != n:
+        raise ValueError(
+            f"training set has {n} inputs, {len(train.targets)} targets, {len(train.ids)} ids"
+        )
+
+
+# ----------------------------------------------------------------------------- scoring core
+
+
+class _GradientIndex:
+    """Training gradients of one model, cached or recomputed in chunks, scored against queries."""
+
+    def __init__(self, model: nnx.Module, train: ExampleSet, chunk_size: int, max_cache_bytes: int):
+        self.model, self.train, self.chunk_size = model, train, chunk_size
+        self.n_params = num_params(model)
+        self.max_cache_bytes = max_cache_bytes
+        n = len(train.inputs)
+        self.cached_NxP: np.ndarray | None = None
+        if n * self.n_params * 4 <= max_cache_bytes:
+            self.cached_NxP = per_example_grads(model, train, chunk_size)
+
+    def scores(self, queries: ExampleSet) -> np.ndarray:
+        """[N, Q] = G_train @ G_query^T, chunked so neither [N, P] nor [Q, P] need fit in memory."""
+        n, q = len(self.train.inputs), len(queries.inputs)
+        out_NxQ = np.zeros((n, q), np.float32)
+        # query blocks whose gradients fit in the budget (at least one chunk)
+        q_block = max(self.chunk_size, self.max_cache_bytes // (4 * self.n_params))
+        for q0 in range(0, q, q_block):
+            block = _slice(queries, q0, min(q0 + q_block, q))
+            g_qxP = per_example_grads(self.model, block, self.chunk_size)
+            if self.cached_NxP is not None:
+                out_NxQ[:, q0 : q0 + len(g_qxP)] = self.cached_NxP @ g_qxP.T
+            else:
+                for s, e, g_bxP in iter_grad_chunks(self.model, self.train, self.chunk_size):
+                    out_NxQ[s:e, q0 : q0 + len(g_qxP)] = g_bxP @ g_qxP.T
+        return out_NxQ
+
+
+class _Rows:
+    """A row slice of an example set (inputs, targets, ids)."""
+
+    def __init__(self, ex: ExampleSet, start: int, stop: int):
+        self.inputs = np.asarray(ex.inputs)[start:stop]
+        self.targets = np.asarray(ex.targets)[start:stop]
+        self.ids = np.asarray(ex.ids)[start:stop]
+
+
+def _slice(ex: ExampleSet, start: int, stop: int) -> Any:
+    return ex if (start == 0 and stop == len(ex.inputs)) else _Rows(ex, start, stop)
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+class GradDot:
+    """tau_iq = g_i . g_q at the final model (loss gradients w.r.t. all nnx.Param).
+
+    Args:
+      chunk_size: examples per vmapped gradient call (memory ~ chunk_size x P floats).
+      max_cache_bytes: cache the [N, P] training gradients at fit when they fit in this many
+        bytes; otherwise recompute them chunk by chunk at attribute.
+    """
+
+    name = "graddot"
+
+    def __init__(self, chunk_size: int = 32, max_cache_bytes: int = DEFAULT_CACHE_BYTES):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.chunk_size = chunk_size
+        self.max_cache_bytes = int(max_cache_bytes)
+        self._index: _GradientIndex | None = None
+        self._train: ExampleSet | None = None
+        self.timings: dict[str, float] = {}
+
+    def fit(self, model: nnx.Module, train: ExampleSet) -> "GradDot":
+        check_train(train)
+        t0 = time.perf_counter()
+        self._index = _GradientIndex(model, train, self.chunk_size, self.max_cache_bytes)
+        self._train = train
+        self.timings["fit"] = time.perf_counter() - t0
+        return self
+
+    def attribute(self, queries: ExampleSet) -> Attribution:
+        if self._index is None:
+            raise RuntimeError(f"call {type(self).__name__}.fit(model, train) before attribute")
+        check_queries(self._train, queries)
+        t0 = time.perf_counter()
+        scores = self._index.scores(queries)
+        self.timings["score"] = time.perf_counter() - t0
+        return make_attribution(scores, self._train, queries, self.name)
+
+
+class TracIn:
+    """TracInCP: tau_iq = sum_c eta_c * g_i(c) . g_q(c) over training checkpoints.
+
+    Args:
+      checkpoints: (model, learning_rate) pairs, e.g. from
+        `stride_jax.train.pretrain_with_checkpoints` (whose `Checkpoint` tuples also work). The
+        `model` passed to `fit` is only checked to have the checkpoints' config.
+      chunk_size, max_cache_bytes: as for GradDot; the cache budget is shared by the checkpoints.
+    """
+
+    name = "tracin"
+
+    def __init__(
+        self,
+        checkpoints: Sequence[tuple[nnx.Module, float]],
+        chunk_size: int = 32,
+        max_cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ):
+        checkpoints = [(c[0], float(c[1])) for c in checkpoints]
+        if not checkpoints:
+            raise ValueError("TracIn needs at least one (model, learning_rate) checkpoint")
+        cfgs = {getattr(m, "cfg", None) for m, _ in checkpoints}
+        if len(cfgs) != 1:
+            raise ValueError("all TracIn checkpoints must share one model config")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.checkpoints = checkpoints
+        self.chunk_size = chunk_size
+        self.max_cache_bytes = int(max_cache_bytes)
+        self._indices: list[_GradientIndex] | None = None
+        self._train: ExampleSet | None = None
+        self.timings: dict[str, float] = {}
+
+    def fit(self, model: nnx.Module | None, train: ExampleSet) -> "TracIn":
+        check_train(train)
+        ckpt_cfg = getattr(self.checkpoints[0][0], "cfg", None)
+        if model is not None and getattr(model, "cfg", None) != ckpt_cfg:
+            raise ValueError(f"model config {getattr(model, 'cfg', None)} differs from the "
+                             f"checkpoints' {ckpt_cfg}")
+        t0 = time.perf_counter()
+        budget = self.max_cache_bytes // len(self.checkpoints)
+        self._indices = [_GradientIndex(m, train, self.chunk_size, budget) for m, _ in self.checkpoints]
+        self._train = train
+        self.timings["fit"] = time.perf_counter() - t0
+        return self
+
+    def attribute(self, queries: ExampleSet) -> Attribution:
+        if self._indices is None:
+            raise RuntimeError("call TracIn.fit(model, train) before attribute")
+        check_queries(self._train, queries)
+        t0 = time.perf_counter()
+        scores = sum(lr * idx.scores(queries) for (_, lr), idx in zip(self.checkpoints, self._indices))
+        self.timings["score"] = time.perf_counter() - t0
+        return make_attribution(scores, self._train, queries, self.name)
