@@ -98,7 +98,6 @@ class Stride:
         self.bank: OperatorBank | None = None
         self.train_ids: np.ndarray | None = None
         self.reference: Measurement | None = None
-        self.last_measurement: Measurement | None = None
         self.timings: dict[str, float] = {}
 
     def fit(
@@ -168,22 +167,12 @@ class Stride:
             converged=np.asarray(res.converged).reshape(q),
         )
 
-    def recover_from(self, fitted: "Stride", queries: ExampleSet) -> Attribution:
-        """Recover under this config from another fitted Stride's operators and last measurement."""
-        if fitted.last_measurement is None:
-            raise RuntimeError("the fitted Stride has not measured any queries yet")
-        if len(queries.ids) != fitted.last_measurement.base_loss_Q.shape[0]:
-            raise ValueError("queries differ from the ones the fitted Stride measured last")
-        self.model, self.design, self.bank = fitted.model, fitted.design, fitted.bank
-        self.train_ids, self.reference = fitted.train_ids, fitted.reference
-        return self.recover(self.responses(fitted.last_measurement), queries.ids)
-
     def attribute(self, queries: ExampleSet, *, progress: bool = True) -> Attribution:
         """Scores [N, Q] for `queries`: measure all operators, centre, recover."""
         import time
 
         t0 = time.perf_counter()
-        m = self.last_measurement = self.measure(queries, progress=progress)
+        m = self.measure(queries, progress=progress)
         self.timings["measure"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         attr = self.recover(self.responses(m), queries.ids)

@@ -219,11 +219,6 @@ def run_lds_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool
         stride = fit_stride(p, cfg.stride, out / "stride_fit", progress=progress)
     with timer("stride_attribute"):
         methods["stride"] = stride.attribute(p.queries, progress=progress)
-    # The same measurements recovered under w >= 0 (chosen on validation queries; see README).
-    nonneg = cfg.stride.replace(recovery={"fista": {"nonneg": True}})
-    if not cfg.stride.recovery.fista.nonneg:
-        with timer("stride_nonneg_recover"):
-            methods["stride-nonneg"] = Stride(nonneg).recover_from(stride, p.queries)
     with timer("baselines"):
         layer = cfg.stride.steering.layer
         methods["repr-sim"] = RepresentationSimilarity(layer).fit(p.model, p.train).attribute(p.queries)

@@ -267,8 +267,9 @@ class Fitter:
         import orbax.checkpoint as ocp
 
         self.workdir.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "config": to_dict(self.cfg),
+        meta = {  # only what the fitted operators depend on
+            "config": {k: to_dict(getattr(self.cfg, k)) for k in ("design", "steering", "fit")},
+            "measure_space": self.cfg.measure.space,
             "design": self.design.fingerprint(),
             **fingerprint,
         }

@@ -481,6 +481,10 @@ def load_model(
             raise ValueError(f"checkpoint {directory} does not match: " + "; ".join(mismatched))
 
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: _build_with_key(cfg, jax.random.key(0))))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # explicit: orbax needs a target
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state
+    )
     checkpointer = ocp.StandardCheckpointer()
     try:
         state = checkpointer.restore(params_dir, abstract_state)
@@ -498,7 +502,7 @@ def load_model(
 class ConvConfig:
     """Small CNN classifier for images given as flat features [B, H * W * C] (channels last).
 
-    Stages: one 3x3 SAME convolution + ReLU per entry of `channels` (followed by a 2x2 average
+    Stages: one k x k SAME convolution + ReLU per entry of `channels` (followed by a 2x2 average
     pool where `pool` is True), then one dense layer + ReLU per entry of `dense`, then the head.
     Hook point l is the state after l stages (0 = the input pixels), always flattened to
     [B, D_l] (channels last), so operators and baselines see the same [B, D] contract as the MLP.
@@ -559,6 +563,29 @@ class ConvConfig:
         return cls(**_fields_from_dict(cls, d, cls.model_type))
 
 
+class Conv2D(nnx.Module):
+    """k x k SAME convolution (stride 1, with bias) as one matmul over im2col patches.
+
+    Numerically `lax.conv_general_dilated` with HWIO weights; written as shifted slices and a
+    matmul because XLA:CPU runs a convolution vmapped over models (each with its own kernel, as
+    `train.train_many` does) as a slow grouped convolution, while this stays a batched matmul.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, rngs: nnx.Rngs):
+        shape = (kernel_size, kernel_size, in_channels, out_channels)
+        self.kernel = nnx.Param(nnx.initializers.he_normal()(rngs.params(), shape))
+        self.bias = nnx.Param(jnp.zeros((out_channels,)))
+        self.kernel_size = kernel_size
+
+    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+        b, h, w, c = x_BxHxWxC.shape
+        k = self.kernel_size
+        lo = (k - 1) // 2
+        xp = jnp.pad(x_BxHxWxC, ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo), (0, 0)))
+        patches = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(k) for j in range(k)], axis=-1)
+        return patches @ self.kernel[...].reshape(k * k * c, -1) + self.bias[...]
+
+
 def _avg_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
     b, h, w, c = x_BxHxWxC.shape
     return x_BxHxWxC.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
@@ -574,10 +601,8 @@ class ConvNet(nnx.Module):
         self.out_dim = cfg.n_classes
         init = nnx.initializers.he_normal()
         in_c = (cfg.image_shape[2], *cfg.channels)
-        k = (cfg.kernel_size, cfg.kernel_size)
         self.convs = nnx.List([
-            nnx.Conv(a, b, kernel_size=k, padding="SAME", kernel_init=init, rngs=rngs)
-            for a, b in zip(in_c[:-1], in_c[1:])
+            Conv2D(a, b, cfg.kernel_size, rngs=rngs) for a, b in zip(in_c[:-1], in_c[1:])
         ])
         flat = math.prod(cfg.stage_shapes()[self.n_conv])
         widths = (flat, *cfg.dense)

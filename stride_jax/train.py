@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -31,6 +31,8 @@ __all__ = [
     "TrainConfig",
     "train_many",
     "pretrain",
+    "pretrain_with_checkpoints",
+    "Checkpoint",
     "stack",
     "unstack",
     "eval_losses",
@@ -44,9 +46,9 @@ class TrainConfig:
 
     AdamW (b1, b2), global-norm clipping, linear warmup over floor(warmup_frac * steps) steps
     (step i at lr (i+1)/warmup), then cosine decay to `final_lr_frac * learning_rate` at the
-    last step. Weight decay applies to matrices only
-    (ndim >= 2). Steps = ceil(epochs * subset_size / batch_size); data are drawn as a stream of
-    per-epoch permutations of each model's subset, so no example is dropped at epoch ends.
+    last step. Weight decay applies to matrices only (ndim >= 2). Steps = ceil(epochs *
+    subset_size / batch_size); data are drawn as a stream of per-epoch permutations of each
+    model's subset, so no example is dropped at epoch ends.
     `scan_steps` (steps per jitted chunk) changes speed, never results.
     """
 
@@ -167,7 +169,7 @@ def _check_examples(model_cfg: models.ModelConfig, examples) -> None:
                 raise ValueError(
                     f"{name} token ids span [{a.min()}, {a.max()}], outside [0, {model_cfg.vocab_size})"
                 )
-    elif isinstance(model_cfg, models.MLPConfig):
+    else:  # classifiers (MLP, ConvNet): flat float features [N, in_dim], labels [N]
         x, y = np.asarray(examples.inputs), np.asarray(examples.targets)
         if x.ndim != 2 or x.shape[1] != model_cfg.in_dim:
             raise ValueError(f"classifier inputs must be [N, {model_cfg.in_dim}], got {x.shape}")
@@ -268,8 +270,12 @@ def train_many(
     *,
     progress: bool = True,
     desc: str = "train",
+    on_chunk: Callable[[int, nnx.State], None] | None = None,
 ) -> tuple[nnx.GraphDef, nnx.State]:
     """Train M fresh models (init and data order from seeds_M[m]) on rows of subset_idx_MxNs.
+
+    `on_chunk(steps_done, state_M)`, if given, is called after every chunk of `scan_steps`
+    steps (copy what you keep: off CPU the next chunk donates those buffers).
 
     Returns (graphdef, state_M) with leading axis M on every leaf; `unstack` gives model m,
     which for M = 1 equals training that model alone (the vmap invariant). Raises ValueError on
@@ -315,6 +321,8 @@ def train_many(
             loss_CxM = np.asarray(loss_CxM)[valid_S[sl]]
             bar.set_postfix(loss=f"{loss_CxM.mean():.4f}")
             bar.update(len(loss_CxM))
+        if on_chunk is not None:
+            on_chunk(min((c + 1) * chunk, total_steps), params_M)
     bar.close()
     final_loss_M = np.asarray(loss_CxM)[-1] if progress else np.asarray(loss_CxM)[valid_S[sl]][-1]
     if not np.isfinite(final_loss_M).all():
@@ -335,6 +343,40 @@ def pretrain(
         model_cfg, examples, all_idx, np.array([seed]), cfg, progress=progress, desc="pretrain"
     )
     return unstack(graphdef, state_M, 0)
+
+
+class Checkpoint(NamedTuple):
+    """A model during training, the mean learning rate of the steps since the previous
+    checkpoint (TracIn's eta_c), and the number of steps taken."""
+
+    model: nnx.Module
+    learning_rate: float
+    step: int
+
+
+def pretrain_with_checkpoints(
+    model_cfg: models.ModelConfig, examples, cfg: TrainConfig, seed: int, n_checkpoints: int,
+    *, progress: bool = True,
+) -> list[Checkpoint]:
+    """`pretrain`, keeping up to n_checkpoints evenly spaced models (the last is the final one).
+
+    Checkpoints fall at chunk ends: scan_steps is set to ceil(steps / n_checkpoints), which
+    changes speed, never results, so the last checkpoint equals `pretrain(...)`.
+    """
+    if n_checkpoints < 1:
+        raise ValueError(f"n_checkpoints must be >= 1, got {n_checkpoints}")
+    total = cfg.num_steps(len(examples.inputs))
+    cfg = dataclasses.replace(cfg, scan_steps=math.ceil(total / n_checkpoints))
+    kept: list[tuple[int, nnx.State]] = []
+    save = lambda step, state_M: kept.append((step, jax.tree.map(jnp.copy, state_M)))
+    all_idx = np.arange(len(examples.inputs), dtype=np.int32)[None]
+    graphdef, _ = train_many(model_cfg, examples, all_idx, np.array([seed]), cfg, progress=progress,
+                             desc="pretrain", on_chunk=save)
+    lr_S = np.asarray(_learning_rate(jnp.arange(total, dtype=jnp.float32), jnp.float32(cfg.learning_rate),
+                                     jnp.float32(total), _Optim.of(cfg)))
+    bounds = [0] + [step for step, _ in kept]
+    return [Checkpoint(unstack(graphdef, state_M, 0), float(lr_S[a:b].mean()), b)
+            for a, b, (_, state_M) in zip(bounds[:-1], bounds[1:], kept)]
 
 
 def eval_losses(

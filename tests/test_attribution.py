@@ -90,3 +90,13 @@ def test_cli_reports_bad_config(tmp_path, capsys):
     bad.write_text(json.dumps({"stride": {"design": {"n_subsets": 4, "per_example": 9}}}))
     assert cli.main(["config", "--config", str(bad)]) == 2
     assert "per_example" in capsys.readouterr().err
+
+
+def test_quick_yaml_matches_quick_config():
+    from pathlib import Path
+
+    from stride_jax.config import load_config_file
+    from stride_jax.experiment import ExperimentConfig, quick_config
+
+    path = Path(__file__).parent.parent / "experiments" / "configs" / "quick.yaml"
+    assert ExperimentConfig.from_dict(load_config_file(path)) == quick_config()
