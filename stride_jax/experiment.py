@@ -56,7 +56,11 @@ class ExperimentConfig:
     pretrain: train_lib.TrainConfig = train_lib.TrainConfig(epochs=4.0)
     retrain: train_lib.TrainConfig = train_lib.TrainConfig(epochs=3.0)
     groundtruth: gt_lib.GroundTruthConfig = gt_lib.GroundTruthConfig()
-    stride: StrideConfig = StrideConfig()
+    # Chosen on validation queries (experiments/results/lm_tuning.md): rank 1, K 2048, 600 steps;
+    # the rest are StrideConfig's defaults.
+    stride: StrideConfig = StrideConfig().replace(
+        design={"n_subsets": 2048}, steering={"rank": 1}, fit={"steps": 600}
+    )
     n_show: int = 3  # queries whose top passages are printed
 
     @classmethod
@@ -295,9 +299,10 @@ def sweep_stride(
     return rows
 
 
-def write_sweep_table(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """Markdown table of a sweep's rows."""
-    lines = ["| variant | override | LDS | 95% CI | seconds |", "|---|---|---|---|---|"]
+def write_sweep_table(rows: list[dict[str, Any]], path: str | Path, header: str = "") -> None:
+    """Markdown table of a sweep's rows, under an optional header paragraph."""
+    lines = [header, ""] if header else []
+    lines += ["| variant | override | LDS | 95% CI | seconds |", "|---|---|---|---|---|"]
     for r in rows:
         l = r["lds"]
         lines.append(f"| {r['variant']} | `{json.dumps(r['override'])}` | {l['mean']:.3f} | "

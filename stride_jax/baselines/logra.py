@@ -43,7 +43,7 @@ from flax import nnx
 from stride_jax import models
 from stride_jax.attribution import Attribution, ExampleSet
 from stride_jax.baselines.base import make_attribution
-from stride_jax.baselines.gradients import _padded_chunks, check_queries, check_train
+from stride_jax.baselines.gradients import _padded_chunks, check_queries, check_train, dot_t
 
 __all__ = ["LoGra", "tap_linears", "logra_grads", "layer_paths"]
 
@@ -191,16 +191,16 @@ def logra_grads(
     return [np.concatenate(p) for p in per_layer], names
 
 
-def _damped_inverse(g_NxD: np.ndarray, damping: float) -> np.ndarray:
-    """(H + damping * mean eig(H) I)^-1 with H = g^T g / N (float64 eigendecomposition)."""
-    g = g_NxD.astype(np.float64)
-    h_DxD = g.T @ g / len(g)
-    evals, evecs = np.linalg.eigh(h_DxD)
-    lam = damping * max(float(evals.mean()), 0.0)
-    denom = np.maximum(evals, 0.0) + lam
-    if not (denom > 0).all():
+def _damped_inverse(g_NxD: jax.Array, damping: float) -> jax.Array:
+    """(H + damping * mean eig(H) I)^-1 with H = g^T g / N (float32 eigendecomposition, JAX)."""
+    g = jnp.asarray(g_NxD, jnp.float32)
+    h_DxD = dot_t(g.T, g.T) / g.shape[0]
+    evals, evecs = jnp.linalg.eigh(h_DxD)
+    evals = jnp.maximum(evals, 0.0)
+    denom = evals + damping * evals.mean()
+    if not bool((denom > 0).all()):
         raise FloatingPointError("LoGra curvature is singular: use damping > 0")
-    return (evecs / denom) @ evecs.T
+    return dot_t(evecs / denom, evecs)  # V diag(1 / denom) V^T
 
 
 class LoGra:
@@ -213,15 +213,20 @@ class LoGra:
       layers: '/'-joined paths of the nnx.Linear layers to use (default all; see `layer_paths`).
       seed: seed of the projections.
       chunk_size: examples per batched forward / backward.
+
+    Defaults chosen on the demo's validation queries (GPT 2 x 64, 768 examples): rank 16 / 32 /
+    64 gave LDS 0.17 / 0.28 / 0.30 with identity curvature; at rank 32 the raw curvature gave
+    0.22 / 0.24 / 0.22 for damping 0.1 / 1 / 10. Curvature cost grows as (rank_in rank_out)^3
+    per layer (rank 64: thirteen 4096 x 4096 eigendecompositions, minutes on 2 cores).
     """
 
     name = "logra"
 
     def __init__(
         self,
-        rank_in: int | None = 16,
-        rank_out: int | None = 16,
-        damping: float = 0.1,
+        rank_in: int | None = 32,
+        rank_out: int | None = 32,
+        damping: float = 1.0,
         *,
         curvature: str = "raw",
         layers: Sequence[str] | None = None,
@@ -240,7 +245,7 @@ class LoGra:
         self.layer_names: list[str] = []
         self._model: nnx.Module | None = None
         self._train: ExampleSet | None = None
-        self._pre_NxD: np.ndarray | None = None  # preconditioned training gradients
+        self._pre_NxD: jax.Array | None = None  # preconditioned training gradients
         self.timings: dict[str, float] = {}
 
     def _grads(self, examples: ExampleSet) -> tuple[list[np.ndarray], list[str]]:
@@ -252,9 +257,9 @@ class LoGra:
         t0 = time.perf_counter()
         self._model = model
         grads, self.layer_names = self._grads(train)
-        if self.curvature == "raw":
-            grads = [g @ _damped_inverse(g, self.damping).astype(np.float32) for g in grads]
-        self._pre_NxD = np.concatenate(grads, axis=1)
+        if self.curvature == "raw":  # (H + lambda)^-1 is symmetric: g (H + lambda)^-1 = g A^T
+            grads = [dot_t(jnp.asarray(g), _damped_inverse(g, self.damping)) for g in grads]
+        self._pre_NxD = jnp.concatenate([jnp.asarray(g) for g in grads], axis=1)
         self._train = train
         self.timings["fit"] = time.perf_counter() - t0
         return self
@@ -265,6 +270,6 @@ class LoGra:
         check_queries(self._train, queries)
         t0 = time.perf_counter()
         grads, _ = self._grads(queries)
-        scores = self._pre_NxD @ np.concatenate(grads, axis=1).T
+        scores = np.asarray(dot_t(self._pre_NxD, jnp.concatenate([jnp.asarray(g) for g in grads], axis=1)))
         self.timings["score"] = time.perf_counter() - t0
         return make_attribution(scores, self._train, queries, self.name)
