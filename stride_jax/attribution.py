@@ -91,8 +91,10 @@ class Attribution:
 class Stride:
     """STRIDE: fit K steering operators on subsets of the pool, measure, recover by Lasso."""
 
-    def __init__(self, cfg: StrideConfig = StrideConfig()):
+    def __init__(self, cfg: StrideConfig = StrideConfig(), *, mesh=None):
+        """`mesh` (a `jax.sharding.Mesh` with a "subsets" axis) splits measurement over devices."""
         self.cfg = cfg
+        self.mesh = mesh
         self.model: nnx.Module | None = None
         self.design: Design | None = None
         self.bank: OperatorBank | None = None
@@ -140,7 +142,7 @@ class Stride:
         """Base and steered losses of every query (raw, before centring)."""
         self._require_fit()
         return measure(self.model, self.bank, queries.inputs, queries.targets, self.cfg.steering,
-                       self.cfg.measure, progress=progress)
+                       self.cfg.measure, progress=progress, mesh=self.mesh)
 
     def responses(self, m: Measurement) -> np.ndarray:
         """Centred y [Q, K] for recovery."""

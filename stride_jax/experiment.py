@@ -299,6 +299,74 @@ def sweep_stride(
     return rows
 
 
+def baseline_factories(cfg: ExperimentConfig, train: Any) -> dict[str, Any]:
+    """name -> zero-argument constructor of every baseline, on the demo's footing."""
+    from stride_jax import baselines as bl
+
+    layer = cfg.stride.steering.layer
+
+    def tracin():
+        ckpts = train_lib.pretrain_with_checkpoints(
+            model_config(cfg, len(data_lib.load_tokenizer())), train, cfg.pretrain, cfg.model.seed, 4, progress=False
+        )
+        return bl.TracIn([(c.model, c.learning_rate) for c in ckpts])
+
+    return {
+        "random": lambda: bl.RandomAttributor(seed=0),
+        "repr-sim": lambda: bl.RepresentationSimilarity(layer),
+        "tfidf": bl.TfidfSimilarity,
+        "bm25": bl.BM25,
+        "encoder-sim": bl.EncoderSimilarity,
+        "graddot": bl.GradDot,
+        "tracin": tracin,
+        "trak": bl.TRAK,
+        "logra": bl.LoGra,
+        "ekfac": bl.EKFAC,
+    }
+
+
+def compare_methods(
+    cfg: ExperimentConfig, out: Path, results_path: Path, *, skip: set[str] = frozenset(), progress: bool = False
+) -> list[dict[str, Any]]:
+    """STRIDE and every baseline on one ground truth: test LDS, validation LDS, wall seconds."""
+    timer = Timer()
+    p = prepare(cfg, out, timer, progress=progress)
+    rows = []
+
+    def record(name: str, attr: Attribution, seconds: float) -> None:
+        rows.append({"method": name, "lds": p.lds(attr, "test"), "lds_validation": p.lds(attr, "val"),
+                     "seconds": round(seconds, 1)})
+        print(f"{name:<12} LDS {rows[-1]['lds']['mean']:.3f} {rows[-1]['lds']['ci95']}  {seconds:.0f}s", flush=True)
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(rows, indent=2))
+
+    if "stride" not in skip:
+        t0 = time.perf_counter()
+        stride = fit_stride(p, cfg.stride, out / "stride_fit", progress=progress)
+        record("stride", stride.attribute(p.queries, progress=progress), time.perf_counter() - t0)
+    for name, make in baseline_factories(cfg, p.train).items():
+        if name in skip:
+            continue
+        t0 = time.perf_counter()
+        try:
+            attr = make().fit(p.model, p.train).attribute(p.queries)
+        except ImportError as e:  # optional encoder package absent
+            print(f"{name}: skipped ({e})")
+            continue
+        record(name, attr, time.perf_counter() - t0)
+    ceiling = noise_ceiling(p.losses_MxRxQ, p.test_cols)
+    lines = [f"LDS on {len(p.test_cols)} test queries (`python experiments/compare_lm.py --out {out}`); "
+             f"noise ceiling (seed vs seed) {ceiling.get('mean', float('nan')):.3f}, for the "
+             f"{ceiling.get('seeds_averaged')}-seed average {ceiling.get('ceiling_for_seed_average', float('nan')):.3f}. "
+             "Seconds include the method's own cache/fit (STRIDE: its fit is reused when already in the run dir).",
+             "", "| method | LDS (test) | 95% CI | LDS (val) | seconds |", "|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: -r["lds"]["mean"]):
+        lines.append(f"| {r['method']} | {r['lds']['mean']:.3f} | [{r['lds']['ci95'][0]:.3f}, {r['lds']['ci95'][1]:.3f}] "
+                     f"| {r['lds_validation']['mean']:.3f} | {r['seconds']} |")
+    results_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
 def write_sweep_table(rows: list[dict[str, Any]], path: str | Path, header: str = "") -> None:
     """Markdown table of a sweep's rows, under an optional header paragraph."""
     lines = [header, ""] if header else []

@@ -8,12 +8,15 @@ operators are then applied to the shared activations in chunks of `operator_chun
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from stride_jax import steering
@@ -54,9 +57,24 @@ def _measure_chunk(
     return example_loss(base_logits, targets), steered
 
 
-_measure_chunk_jit = jax.jit(
-    _measure_chunk, static_argnames=("model_graphdef", "op_graphdef", "cfg", "operator_chunk")
-)
+_STATIC = ("model_graphdef", "op_graphdef", "cfg", "operator_chunk")
+_measure_chunk_jit = jax.jit(_measure_chunk, static_argnames=_STATIC)
+
+
+def _sharded_measure_chunk(mesh: Mesh, axis: str):
+    """`_measure_chunk` with the operator axis split over `mesh[axis]` by `shard_map`.
+
+    Operators are independent, so each device measures its slice of the K operators on the
+    (replicated) query chunk; no communication beyond gathering the [K, Qc] result.
+    """
+
+    def fn(model_state, basis, coef_K, inputs, targets, **static):
+        body = functools.partial(_measure_chunk, **static)
+        return jax.shard_map(
+            body, mesh=mesh, in_specs=(P(), P(), P(axis), P(), P()), out_specs=(P(), P(axis)), check_vma=False
+        )(model_state, basis, coef_K, inputs, targets)
+
+    return jax.jit(fn, static_argnames=_STATIC)
 
 
 def measure(
@@ -68,23 +86,39 @@ def measure(
     cfg: MeasureConfig = MeasureConfig(),
     *,
     progress: bool = True,
+    mesh: Mesh | None = None,
+    axis: str = "subsets",
 ) -> Measurement:
-    """Losses of the frozen model and of all K steered models on every query."""
+    """Losses of the frozen model and of all K steered models on every query.
+
+    With a `mesh`, the K operators are split over its `axis` (K must divide evenly) and each
+    device measures its share; results equal the single-device measurement.
+    """
     if len(inputs) == 0:
         raise ValueError("no queries to measure")
     if len(inputs) != len(targets):
         raise ValueError(f"{len(inputs)} query inputs but {len(targets)} targets")
     steering.steered_dim(model, steer_cfg)
     model_graphdef, model_state = nnx.split(model)
+    coef = bank.coef
+    chunk_fn = _measure_chunk_jit
+    operator_chunk = min(cfg.operator_chunk, bank.n_subsets)
+    if mesh is not None:
+        n_dev = mesh.shape[axis]
+        if bank.n_subsets % n_dev:
+            raise ValueError(f"K={bank.n_subsets} operators do not split evenly over {n_dev} devices of axis {axis!r}")
+        operator_chunk = min(operator_chunk, bank.n_subsets // n_dev)
+        coef = jax.device_put(coef, NamedSharding(mesh, P(axis)))
+        chunk_fn = _sharded_measure_chunk(mesh, axis)
     base, steered = [], []
     starts = range(0, len(inputs), cfg.query_chunk)
     for start in tqdm(starts, desc="measure", disable=not progress):
-        b, s = _measure_chunk_jit(
-            model_state, bank.basis, bank.coef,
+        b, s = chunk_fn(
+            model_state, bank.basis, coef,
             jnp.asarray(inputs[start : start + cfg.query_chunk]),
             jnp.asarray(targets[start : start + cfg.query_chunk]),
             model_graphdef=model_graphdef, op_graphdef=bank.graphdef, cfg=steer_cfg,
-            operator_chunk=min(cfg.operator_chunk, bank.n_subsets),
+            operator_chunk=operator_chunk,
         )
         base.append(np.asarray(b))
         steered.append(np.asarray(s).T)

@@ -76,3 +76,21 @@ def test_measure_rejects_bad_queries(setup):
     long_x = np.zeros((2, CFG.seq_len + 4), np.int32)
     with pytest.raises(ValueError, match="seq_len|longer|context"):
         measure(model, bank, long_x, long_x, cfg, progress=False)
+
+
+def test_sharded_measurement_equals_single_device(setup):
+    model, x, t = setup
+    devices = np.array(jax.devices()[:4])
+    if len(devices) < 2:
+        pytest.skip("needs several (host) devices; tests/conftest.py forces 4")
+    mesh = jax.sharding.Mesh(devices, ("subsets",))
+    cfg = SteeringConfig(layer=1, rank=2)
+    bank = steering.init_bank(model, 8, cfg, seed=0)
+    bank = bank._replace(coef=jax.tree.map(lambda c: jax.random.normal(jax.random.PRNGKey(3), c.shape), bank.coef))
+    single = measure(model, bank, x, t, cfg, progress=False)
+    sharded = measure(model, bank, x, t, cfg, progress=False, mesh=mesh)
+    np.testing.assert_allclose(sharded.steered_loss_QxK, single.steered_loss_QxK, rtol=1e-5)
+    np.testing.assert_allclose(sharded.base_loss_Q, single.base_loss_Q, rtol=1e-6)
+    with pytest.raises(ValueError, match="split evenly"):
+        measure(model, steering.init_bank(model, 6, cfg, seed=0), x, t, cfg, progress=False,
+                mesh=jax.sharding.Mesh(np.array(jax.devices()[:4]), ("subsets",)))
