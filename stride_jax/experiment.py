@@ -141,12 +141,14 @@ def concat_examples(a: Any, b: Any) -> Any:
 def base_model(cfg: ExperimentConfig, train: Any, out: Path, *, progress: bool = True):
     """Load the cached base model for this config and data, or pretrain and save it."""
     tok_hash = data_lib.tokenizer_hash()
-    mcfg = model_config(cfg, len(data_lib.load_tokenizer()))
+    tokenizer = data_lib.load_tokenizer()
+    mcfg = model_config(cfg, len(tokenizer))
     expected = {"data_hash": train.content_hash(), "tokenizer_hash": tok_hash, "train_config": cfg.pretrain.to_dict(),
                 "seed": cfg.model.seed}
     path = out / "base_model"
     if (path / "metadata.json").exists():
         model, _ = models_lib.load_model(path, expected=expected)
+        data_lib.check_vocab(tokenizer, model.out_dim)
         return model, mcfg
     model = train_lib.pretrain(mcfg, train, cfg.pretrain, seed=cfg.model.seed, progress=progress)
     models_lib.save_model(model, path, expected)
