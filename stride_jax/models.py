@@ -174,6 +174,12 @@ def _check_layer(layer: int, n_layers: int) -> None:
         raise ValueError(f"layer={layer} out of range: hook points are 0..{n_layers}")
 
 
+def _check_flat_hidden(h_BxD: jax.Array, width: int, layer: int) -> None:
+    """A classifier's hook-point activation must be [B, width]."""
+    if h_BxD.ndim != 2 or h_BxD.shape[1] != width:
+        raise ValueError(f"expected h of shape [B, {width}] at layer {layer}, got {h_BxD.shape}")
+
+
 def _rms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """RMSNorm without a learnable scale (nanochat)."""
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
@@ -342,9 +348,7 @@ class MLP(nnx.Module):
     def rest(self, h_BxD: jax.Array, *, layer: int) -> jax.Array:
         """Hidden layers [layer:] and head: float32 logits [B, V]."""
         _check_layer(layer, self.n_layers)
-        width = self.hidden_dim_at(layer)
-        if h_BxD.ndim != 2 or h_BxD.shape[1] != width:
-            raise ValueError(f"expected h of shape [B, {width}] at layer {layer}, got {h_BxD.shape}")
+        _check_flat_hidden(h_BxD, self.hidden_dim_at(layer), layer)
         for linear in self.layers[layer:]:
             h_BxD = jax.nn.relu(linear(h_BxD))
         return self.head(h_BxD).astype(jnp.float32)
@@ -639,9 +643,7 @@ class ConvNet(nnx.Module):
     def rest(self, h_BxD: jax.Array, *, layer: int) -> jax.Array:
         """Stages [layer:] and head: float32 logits [B, V]."""
         _check_layer(layer, self.n_layers)
-        width = self.hidden_dim_at(layer)
-        if h_BxD.ndim != 2 or h_BxD.shape[1] != width:
-            raise ValueError(f"expected h of shape [B, {width}] at layer {layer}, got {h_BxD.shape}")
+        _check_flat_hidden(h_BxD, self.hidden_dim_at(layer), layer)
         for i in range(layer, self.n_layers):
             h_BxD = self._stage(i, h_BxD)
         return self.head(h_BxD).astype(jnp.float32)
