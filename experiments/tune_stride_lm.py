@@ -26,7 +26,9 @@ shared by variants that only change centring or recovery). Every variant overrid
 defaults (K 512, d 8, rank 16, logits placement at layer 1, 300 steps, stability 1, linearity 0,
 lambda 0.05 lambda_max, signed Lasso). Machine: 2-core Xeon, no GPU, shared with other jobs (so
 seconds are inflated); run 2026-11-29. The rows are in the order they ran: round one varied one
-setting at a time; later rows combine the winners."""
+setting at a time; later rows combine the winners. The base model and ground truth in runs/probe1
+came from an earlier revision of the training loop (same configs) than the demo's; the demo run
+(`runs/demo/report.json`) gives the chosen setting 0.727 on these validation queries."""
 
 VARIANTS = {
     "default": {},
