@@ -40,6 +40,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from stride_jax.compare import CompareConfig, run_compare
+
+    cfg = CompareConfig.from_dict(load_config_file(args.config)) if args.config else CompareConfig()
+    out = Path(args.out or f"runs/{cfg.name}")
+    print(f"stride-jax compare: config '{cfg.name}', sizes {[s.name for s in cfg.sizes]}, writing to {out} "
+          f"and {args.results}")
+    run_compare(cfg, out, Path(args.results), progress=not args.no_progress)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = _experiment_config(args)
     print(json.dumps(cfg.to_dict(), indent=2))
@@ -62,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("pretrain", help="train (or load the cached) base model of an experiment config")
     common(pt)
     pt.set_defaults(fn=cmd_pretrain)
+    cp = sub.add_parser("compare", help="STRIDE vs every baseline across model sizes: LDS, time per stage, "
+                        "peak memory, cost in n")
+    cp.add_argument("--config", help="compare config (YAML or JSON); default: experiments/configs/pretrain_lds.yaml's "
+                    "built-in equivalent")
+    cp.add_argument("--out", help="run directory (default runs/<config name>); reruns resume from it")
+    cp.add_argument("--results", default="experiments/results", help="where <name>.json/.md/.png go")
+    cp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cp.set_defaults(fn=cmd_compare)
     c = sub.add_parser("config", help="print the resolved experiment config as JSON")
     common(c)
     c.set_defaults(fn=cmd_config)

@@ -274,34 +274,74 @@ def _fit_key(cfg: StrideConfig) -> str:
 
 
 def run_stride_variants(p: Prepared, configs: dict[str, StrideConfig], workdir: Path, *,
-                        progress: bool = False) -> dict[str, StrideRun]:
+                        progress: bool = False, errors: dict[str, str] | None = None) -> dict[str, StrideRun]:
     """Scores of every config on all of `p`'s queries; configs with equal design, steering and
-    fit settings share one operator fit and one measurement (in `workdir/<hash>`)."""
-    fits: dict[str, tuple[Stride, Any, dict[str, float]]] = {}
+    fit settings share one operator fit and one measurement (in `workdir/<hash>`).
+
+    With an `errors` dict, a variant whose fit or recovery fails (diverged fit, NaN responses)
+    is left out of the result and its error message recorded there instead of raised.
+    """
+    fits: dict[str, tuple[Stride, Any, dict[str, float]] | str] = {}
     runs = {}
     for name, scfg in configs.items():
         scfg = fit_subsets_per_step(scfg)
         key = _fit_key(scfg)
+        if errors is not None:
+            try:
+                run = _run_variant(p, name, scfg, key, fits, workdir, progress)
+            except (FloatingPointError, ValueError) as e:
+                errors[name] = f"{type(e).__name__}: {e}"
+                continue
+        else:
+            run = _run_variant(p, name, scfg, key, fits, workdir, progress)
+        runs[name] = run
+    return runs
+
+
+def _logged_fit_seconds(path: Path) -> float | None:
+    """Elapsed seconds of the last logged fit step (None without a log)."""
+    if not path.exists():
+        return None
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return float(json.loads(lines[-1])["seconds"]) if lines else None
+
+
+def _run_variant(p: Prepared, name: str, scfg: StrideConfig, key: str, fits: dict, workdir: Path,
+                 progress: bool) -> StrideRun:
+    if isinstance(fits.get(key), str):
+        raise FloatingPointError(fits[key])  # the shared fit already failed
+    try:
         if key not in fits:
             tag = hashlib.sha256(key.encode()).hexdigest()[:10]
             # the first fit's wall time is recorded, so a resumed run reports it, not the reload
             seconds_path = workdir / tag / "seconds.json"
             recorded = json.loads(seconds_path.read_text()) if seconds_path.exists() else None
+            resumed = (workdir / tag / "checkpoints").exists()
             t0 = time.perf_counter()
             stride = fit_stride(p, scfg, workdir / tag, progress=progress)
             t1 = time.perf_counter()
             measurement = stride.measure(p.queries, progress=progress)
             t2 = time.perf_counter()
             seconds = recorded or {"fit": t1 - t0, "measure": t2 - t1}
-            if recorded is None:
+            if recorded is None and resumed:
+                # reloaded: take the fit loop's own wall time from its log instead of the reload's
+                logged = _logged_fit_seconds(workdir / tag / "metrics.jsonl")
+                if logged is not None:
+                    seconds["fit"] = logged
+                    seconds_path.write_text(json.dumps(seconds))
+            elif recorded is None:
                 seconds_path.write_text(json.dumps(seconds))
             fits[key] = (stride, measurement, seconds)
-        stride, measurement, seconds = fits[key]
-        stride.cfg = scfg  # same operators and raw losses; this variant's centring and recovery
-        t0 = time.perf_counter()
-        attr = stride.recover(stride.responses(floor_losses(measurement)), p.queries.ids)
-        runs[name] = StrideRun(name, scfg, attr, {**seconds, "recover": time.perf_counter() - t0})
-    return runs
+    except FloatingPointError as e:
+        fits[key] = str(e)
+        raise
+    stride, measurement, seconds = fits[key]
+    stride.cfg = scfg  # same operators and raw losses; this variant's centring and recovery
+    t0 = time.perf_counter()
+    attr = stride.recover(stride.responses(floor_losses(measurement)), p.queries.ids)
+    if not np.isfinite(attr.scores).all():
+        raise FloatingPointError(f"variant {name!r} recovered non-finite scores")
+    return StrideRun(name, scfg, attr, {**seconds, "recover": time.perf_counter() - t0})
 
 
 def placement_configs(cfg: SmallModelsConfig, layer_residual: int) -> dict[str, dict[str, StrideConfig]]:
@@ -386,12 +426,17 @@ def run_task(cfg: SmallModelsConfig, task: TaskConfig, out: Path, results_dir: P
     selection: dict[str, Any] = {}
     for placement, configs in placement_configs(cfg, layer_res).items():
         t0 = time.perf_counter()
-        runs = run_stride_variants(p_sel, configs, out / "stride" / placement, progress=progress)
+        failed: dict[str, str] = {}
+        runs = run_stride_variants(p_sel, configs, out / "stride" / placement, progress=progress, errors=failed)
+        if not runs:
+            raise RuntimeError(f"every STRIDE variant failed for {task.name} ({placement}): {failed}")
         val = {name: lds_of(p_sel, r.attr.scores, "val", n_boot=20) for name, r in runs.items()}
         best = max(val, key=lambda k: -np.inf if np.isnan(val[k]["mean"]) else val[k]["mean"])
         selection[placement] = {"chosen": best, "val_lds": {k: round(v["mean"], 4) for k, v in val.items()},
-                                "settings": runs[best].cfg.to_dict(),
+                                "failed": failed, "settings": runs[best].cfg.to_dict(),
                                 "grid_seconds": round(time.perf_counter() - t0, 1)}
+        for name, err in failed.items():
+            print(f"[{task.name}] stride {placement}: variant {name!r} failed: {err}", flush=True)
         methods[f"stride-{placement}"] = (runs[best].attr, runs[best].seconds)
         print(f"[{task.name}] stride {placement}: chosen {best!r} (val LDS {val[best]['mean']:.3f} of "
               f"{len(val)} variants)", flush=True)
@@ -478,7 +523,7 @@ def _fmt_lds(l: dict[str, Any]) -> str:
 def format_markdown(report: dict[str, Any]) -> str:
     """LDS table (test queries, per alpha, with intervals), noise ceilings, runtimes, paper numbers."""
     alphas = sorted({r["alpha"] for r in report["rows"]})
-    lines = [f"# Small models: LDS on held-out test queries", "",
+    lines = [f"# {report['config']['name']}: LDS on held-out test queries", "",
              "LDS = mean over test queries of Spearman(sum of scores over the subset, -query loss) across "
              "models retrained on random alpha-subsets (ground truth averaged over its seeds); 95% joint "
              "(subset x query) bootstrap interval. STRIDE settings were chosen per placement on the "
@@ -516,7 +561,8 @@ def format_markdown(report: dict[str, Any]) -> str:
               f"{report['config']['select_alpha']})", ""]
     for t in report["tasks"]:
         for p, sel in t["selection"].items():
-            grid = ", ".join(f"{name} {v:.3f}" for name, v in sel["val_lds"].items())
+            grid = ", ".join([f"{name} {v:.3f}" for name, v in sel["val_lds"].items()]
+                             + [f"{name} failed ({err[:80]})" for name, err in sel.get("failed", {}).items()])
             lines.append(f"- {t['task']} {p} ({sel.get('grid_seconds', '?')} s): {grid}")
     cf = [t for t in report["tasks"] if "counterfactual" in t]
     if cf:
