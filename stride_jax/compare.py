@@ -268,6 +268,7 @@ def n_params(model: Any) -> int:
 def run_compare(cfg: CompareConfig, out: str | Path, results_dir: str | Path, *, progress: bool = True
                 ) -> list[dict[str, Any]]:
     """Every size and method (resuming from `out`); writes the results files; returns the rows."""
+    from stride_jax import train as train_lib
     from stride_jax.attribution import Attribution
     from stride_jax.experiment import Timer, noise_ceiling, prepare
 
@@ -291,8 +292,6 @@ def run_compare(cfg: CompareConfig, out: str | Path, results_dir: str | Path, *,
         p, timer = prepared[size.name]
         params = n_params(p.model)
         ceilings[size.name] = noise_ceiling(p.losses_MxRxQ, p.test_cols)
-        from stride_jax import train as train_lib
-
         qloss = train_lib.eval_loss(p.model, p.queries)
         base_info[size.name] = {"params": params, "test_query_loss": float(qloss[p.test_cols].mean()),
                                 "n_train": len(p.train), "n_test_queries": len(p.test_cols),

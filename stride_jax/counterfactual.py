@@ -199,6 +199,8 @@ def plot_counterfactual(result: CounterfactualResult, path: str | Path, title: s
         ax.fill_between(result.ks, mean - 1.96 * sem, mean + 1.96 * sem, color=line.get_color(), alpha=0.15)
     ax.axhline(0.0, color="0.7", linewidth=0.8)
     ax.set_xscale("log")
+    ax.set_xticks(list(result.ks), [str(k) for k in result.ks])  # the grid itself, no minor labels
+    ax.minorticks_off()
     ax.set_xlabel("k (top-attributed training examples removed)")
     ax.set_ylabel("drop in p(true class) of the query")
     ax.set_title(title or f"counterfactual removal ({len(result.query_ids)} queries)", fontsize=10)
