@@ -30,16 +30,27 @@ VARIANTS = {
     "nonneg Lasso": {"recovery": {"fista": {"nonneg": True}}},
     "no centring": {"measure": {"center_operators": False, "center_queries": False}},
     "loss-difference measurement": {"measure": {"space": "diff"}},
-    "K 512": {"design": {"n_subsets": 512}},
-    "K 1024": {"design": {"n_subsets": 1024}},
+    "last layer": {"steering": {"layer": -1}},  # replaced by the size's n_layers in main()
     "rank 4": {"steering": {"rank": 4}},
-    "rank 16": {"steering": {"rank": 16}},
-    "steps 300": {"fit": {"steps": 300}},
-    "d 4": {"design": {"per_example": 4}},
+    "steps 1200": {"fit": {"steps": 1200}},
+    "fit lr 1e-2": {"fit": {"learning_rate": 1e-2}},
     "residual placement": {"steering": {"placement": "residual"}},
-    "last layer": {"steering": {"layer": -1}},
+    "layer 2": {"steering": {"layer": 2}},
+    "rank 16": {"steering": {"rank": 16}},
+    "K 4096": {"design": {"n_subsets": 4096}},
+    "K 1024": {"design": {"n_subsets": 1024}},
+    "K 512": {"design": {"n_subsets": 512}},
+    "d 4": {"design": {"per_example": 4}},
+    "d 16": {"design": {"per_example": 16}},
+    "steps 300": {"fit": {"steps": 300}},
+    "stability 0.1": {"fit": {"stability_weight": 0.1}},
     "stability 10": {"fit": {"stability_weight": 10.0}},
     "linearity 1": {"fit": {"linearity_weight": 1.0}},
+    # combinations of the single-setting winners at 2.2M (layer -1 = the last residual state)
+    "fit lr 3e-3": {"fit": {"learning_rate": 3e-3}},
+    "last layer + fit lr 1e-2": {"steering": {"layer": -1}, "fit": {"learning_rate": 1e-2}},
+    "last layer + fit lr 1e-2 + K 4096": {"steering": {"layer": -1}, "fit": {"learning_rate": 1e-2},
+                                          "design": {"n_subsets": 4096}},
 }
 
 
@@ -59,29 +70,36 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"unknown variant(s) {sorted(unknown)}; known: {list(VARIANTS)}")
     variants = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only}
-    if "last layer" in variants:  # the last residual state of this size
-        variants["last layer"] = {"steering": {"layer": size.n_layers}}
-    rows = sweep_stride(exp, args.run or Path("runs/pretrain") / size.name, variants, args.results)
+    for name, override in variants.items():  # layer -1: the last residual state of this size
+        if override.get("steering", {}).get("layer") == -1:
+            variants[name] = {**override, "steering": {**override["steering"], "layer": size.n_layers}}
+    run = args.run or Path("runs/pretrain") / size.name
+    # this size's rows live in the run directory (resumable); ablations.json gathers every size
+    rows = sweep_stride(exp, run, variants, run / "ablation_rows.json")
     for r in rows:
-        r.setdefault("size", size.name)
-    args.results.write_text(json.dumps(rows, indent=2))
-    write_table(rows, args.results.with_suffix(".md"))
+        r["size"] = size.name
+    merged = json.loads(args.results.read_text()) if args.results.exists() else []
+    merged = [r for r in merged if r.get("size") != size.name] + rows
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(merged, indent=2))
+    write_table(merged, args.results.with_suffix(".md"))
 
 
 def write_table(rows, path: Path) -> None:
-    base = next((r["lds"]["mean"] for r in rows if not r["override"]), float("nan"))
+    base = {r.get("size"): r["lds"]["mean"] for r in rows if not r["override"]}
     lines = ["# STRIDE ablations on validation queries (pretraining table)", "",
              "`python experiments/ablations_lm.py --size <size>`: one setting changed at a time around the "
              "chosen configuration (rank 1, K 2048, d 8, logits placement at layer 1, 600 fit steps, stability 1, "
              "linearity 0, lambda 0.05 lambda_max), on the base model and ground truth of that size of "
              "`experiments/configs/pretrain_lds.yaml` (64 alpha = 0.3 subsets x 2 seeds). LDS on the 60 validation "
-             "queries with its 95% joint bootstrap interval; seconds = fit + measure + recover on 2 CPU cores "
+             "queries with its 95% joint bootstrap interval; 'vs chosen' is the difference from the chosen row of the "
+             "same size; seconds = fit + measure + recover on 2 CPU cores "
              "(recovery-only rows reuse the chosen fit). The wider sweep at 0.2M is lm_tuning.md.", "",
              "| size | variant | override | LDS (val) | 95% CI | vs chosen | seconds |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         l = r["lds"]
         lines.append(f"| {r.get('size', '?')} | {r['variant']} | `{json.dumps(r['override'])}` | {l['mean']:.3f} | "
-                     f"[{l['ci95'][0]:.3f}, {l['ci95'][1]:.3f}] | {l['mean'] - base:+.3f} | {r['seconds']} |")
+                     f"[{l['ci95'][0]:.3f}, {l['ci95'][1]:.3f}] | {l['mean'] - base.get(r.get('size'), float('nan')):+.3f} | {r['seconds']} |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
-import resource
 import sys
 import time
 import traceback
@@ -47,8 +46,9 @@ PAPER_PRETRAIN_LDS = {
     },
 }
 
-ALL_METHODS = ("stride", "random", "repr-sim", "tfidf", "bm25", "encoder-sim", "graddot", "tracin", "trak",
-               "logra", "ekfac")
+ALL_METHODS = ("stride", "stride-tuned", "random", "repr-sim", "tfidf", "bm25", "encoder-sim", "graddot", "tracin", "trak",
+               "trak-ensemble", "logra", "ekfac")
+TRAK_ENSEMBLE_RETRAINS = 3  # trak-ensemble: the base model plus this many retrained from scratch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +79,9 @@ class CompareConfig:
     )
     methods: tuple[str, ...] = ALL_METHODS
     scaling: ScalingConfig | None = ScalingConfig()
+    # "stride-tuned": per-size overrides of experiment.stride chosen on validation queries
+    # ({size name: {section: {field: value}}}); sizes without an entry have no such row.
+    stride_tuned: Any = None
 
     def __post_init__(self):
         from stride_jax.experiment import ExperimentConfig
@@ -97,6 +100,10 @@ class CompareConfig:
                 raise ValueError(f"scaling.size {self.scaling.size!r} is not one of the sizes {names}")
         if unknown:
             raise ValueError(f"unknown method(s) {sorted(unknown)}; known: {list(ALL_METHODS)}")
+        for name, override in (self.stride_tuned or {}).items():
+            if name not in names:
+                raise ValueError(f"stride_tuned names size {name!r}, not one of {names}")
+            self.experiment.stride.replace(**override)  # fail early on unknown fields
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CompareConfig":
@@ -117,6 +124,8 @@ class CompareConfig:
             kw["methods"] = tuple(d["methods"])
         if "scaling" in d:
             kw["scaling"] = None if d["scaling"] is None else from_dict(ScalingConfig, d["scaling"])
+        if "stride_tuned" in d:
+            kw["stride_tuned"] = dict(d["stride_tuned"] or {})
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,8 +148,31 @@ class CompareConfig:
 # One method in its own process
 
 
-def _peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+def _status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes; None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (Linux >= 4.0); False where that is not possible.
+
+    `getrusage(...).ru_maxrss` cannot be used: a spawned child inherits its parent's high-water
+    mark across fork and exec, so every method would report the (large) parent's peak.
+    """
+    import gc
+
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def _device_peak_bytes() -> int | None:
@@ -166,10 +198,13 @@ def _run_method(exp_cfg: Any, run_dir: Path, method: str, method_dir: Path) -> d
     train, val, test = load_data(exp_cfg)
     queries = concat_examples(val, test)
     model, mcfg = base_model(exp_cfg, train, run_dir, progress=False)
-    load_peak = _peak_rss_bytes()
+    load_peak = _status_bytes("VmHWM")
+    if not _reset_peak_rss():
+        raise RuntimeError("cannot reset the peak resident set (/proc/self/clear_refs): no per-method memory")
+    load_rss = _status_bytes("VmRSS")
     seconds: dict[str, float] = {}
     t_start = time.perf_counter()
-    if method == "stride":
+    if method in ("stride", "stride-tuned"):
         fit_dir = method_dir / "fit"
         resumed = (fit_dir / "checkpoints").exists()
         stride = Stride(exp_cfg.stride).fit(
@@ -195,19 +230,24 @@ def _run_method(exp_cfg: Any, run_dir: Path, method: str, method_dir: Path) -> d
                 "repr-sim": lambda: bl.RepresentationSimilarity(layer),
                 "tfidf": bl.TfidfSimilarity, "bm25": bl.BM25, "encoder-sim": bl.EncoderSimilarity,
                 "graddot": bl.GradDot, "trak": bl.TRAK, "logra": bl.LoGra, "ekfac": bl.EKFAC,
+                "trak-ensemble": lambda: bl.TRAK(n_retrain=TRAK_ENSEMBLE_RETRAINS, train_config=exp_cfg.pretrain),
             }[method]()
         attr = attributor.fit(model, train).attribute(queries)
         seconds.update(getattr(attributor, "timings", {}))
     seconds["total"] = time.perf_counter() - t_start
     attr.method = method
     attr.save(method_dir / "scores")
+    host_peak, device_peak = _status_bytes("VmHWM"), _device_peak_bytes()
     return {
         "method": method,
         "seconds": {k: round(float(v), 3) for k, v in seconds.items()},
-        "peak_memory_bytes": _peak_rss_bytes(),
-        "load_peak_bytes": load_peak,
-        "device_peak_bytes": _device_peak_bytes(),
-        "memory_kind": "process peak RSS" if jax.default_backend() == "cpu" else "device peak_bytes_in_use",
+        # on an accelerator the device allocator's peak; on CPU the process's peak RSS since the reset
+        "peak_memory_bytes": device_peak if device_peak is not None else host_peak,
+        "load_peak_bytes": 0 if device_peak is not None else load_rss,  # resident when the method started
+        "host_peak_bytes": host_peak,
+        "loading_peak_bytes": load_peak,
+        "device_peak_bytes": device_peak,
+        "memory_kind": "peak RSS while the method ran" if device_peak is None else "device peak_bytes_in_use",
         "backend": jax.default_backend(),
         "fit_resumed": resumed,
         "n_train": len(train),
@@ -300,7 +340,12 @@ def run_compare(cfg: CompareConfig, out: str | Path, results_dir: str | Path, *,
         print(f"[{size.name}] {params:,} parameters; test-query loss {base_info[size.name]['test_query_loss']:.3f}; "
               f"noise ceiling {ceilings[size.name].get('mean', float('nan')):.3f}", flush=True)
         for method in _progress(cfg.methods, progress, f"{size.name} methods"):
-            rec = run_method_isolated(exp, run_dir, method, run_dir / "methods" / method)
+            exp_m = exp
+            if method == "stride-tuned":
+                if size.name not in (cfg.stride_tuned or {}):
+                    continue
+                exp_m = dataclasses.replace(exp, stride=exp.stride.replace(**cfg.stride_tuned[size.name]))
+            rec = run_method_isolated(exp_m, run_dir, method, run_dir / "methods" / method)
             if rec is None:
                 continue
             attr = Attribution.load(run_dir / "methods" / method / "scores")
@@ -332,7 +377,7 @@ def run_cost_in_n(cfg: CompareConfig, out: Path, results_dir: Path, *, progress:
 
     sc = cfg.scaling
     size = cfg.size(sc.size) if sc.size else cfg.sizes[0]
-    methods = sc.methods or cfg.methods
+    methods = [m for m in (sc.methods or cfg.methods) if m != "stride-tuned"]  # tuned per size, not per n
     rows = []
     for per_source in sc.train_per_source:
         exp = cfg.experiment_for(size, train_per_source=per_source)
@@ -367,7 +412,8 @@ def growth_ratios(rows: list[dict[str, Any]], key: str, lo: Any, hi: Any) -> dic
             continue
         out[m] = {"seconds": b["seconds"]["total"] / max(a["seconds"]["total"], 1e-9),
                   "peak_memory": b["peak_memory_bytes"] / a["peak_memory_bytes"],
-                  "method_memory": _own(b) / max(_own(a), 1)}
+                  # a method that allocates under 1 MiB of its own has no meaningful memory ratio
+                  "method_memory": _own(b) / _own(a) if _own(a) >= 2**20 else float("nan")}
     return out
 
 
@@ -444,9 +490,10 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 def _memory_note(rows: list[dict[str, Any]]) -> str:
     kinds = {r.get("memory_kind") for r in rows}
-    if kinds == {"process peak RSS"}:
-        return ("peak resident set of the method's own process (includes Python, JAX, the model and the data; "
-                "'own' subtracts the peak reached after loading them)")
+    if kinds == {"peak RSS while the method ran"}:
+        return ("peak resident set of the method's own process while the method ran (measured with VmHWM after "
+                "resetting it once the model and data were loaded, so it includes Python, JAX, the model and "
+                "the data); 'own' subtracts what was resident when the method started")
     return "device allocator's peak bytes in use where on an accelerator, else process peak RSS"
 
 
@@ -471,32 +518,46 @@ def plot(report: dict[str, Any], path: Path) -> None:
     sizes = [s["name"] for s in report["config"]["sizes"] if s["name"] in report["models"]]
     params = {s: report["models"][s]["params"] for s in sizes}
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    cmap = plt.get_cmap("tab20")
+    known = list(ALL_METHODS)
+
+    def style(m: str) -> dict[str, Any]:  # one colour per method in every panel
+        if m == "stride":
+            return dict(lw=2.5, color="k")
+        i = known.index(m) if m in known else len(known)
+        return dict(lw=1.2, color=cmap(i % 20), linestyle="--" if m == "stride-tuned" else "-")
+
     n_panels = 3 if report.get("cost_n") else 2
-    fig, axes = plt.subplots(1, n_panels, figsize=(5.2 * n_panels, 4.2))
+    fig, axes = plt.subplots(1, n_panels, figsize=(5.0 * n_panels, 4.6))
     for m in methods:
         rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["params"])
         x = [r["params"] for r in rs]
         y = np.array([r["lds"]["mean"] for r in rs])
         lo = y - np.array([r["lds"]["ci95"][0] for r in rs])
         hi = np.array([r["lds"]["ci95"][1] for r in rs]) - y
-        style = dict(lw=2.5, color="k") if m == "stride" else dict(lw=1.2)
-        axes[0].errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=m, **style)
-        axes[1].plot(x, [r["seconds"]["total"] for r in rs], marker="o", label=m, **style)
+        axes[0].errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=m, **style(m))
+        axes[1].plot(x, [r["seconds"]["total"] for r in rs], marker="o", label=m, **style(m))
     ceil = [report["noise_ceiling"][s].get("ceiling_for_seed_average", np.nan) for s in sizes]
-    axes[0].plot([params[s] for s in sizes], ceil, "k--", lw=1, label="noise ceiling (seed avg)")
+    axes[0].plot([params[s] for s in sizes], ceil, ":", color="0.4", lw=1.5, label="noise ceiling (seed avg)")
     axes[0].set(xscale="log", xlabel="parameters", ylabel="LDS (test queries)", title="LDS by model size")
     axes[1].set(xscale="log", yscale="log", xlabel="parameters", ylabel="seconds (all stages)",
                 title="cost by model size")
+    for ax in axes[:2]:
+        ax.set_xticks([params[s] for s in sizes], [f"{s}" for s in sizes])
+        ax.minorticks_off()
     if n_panels == 3:
         cn = report["cost_n"]
+        ns = sorted({r["n"] for r in cn})
         for m in dict.fromkeys(r["method"] for r in cn):
             rs = sorted((r for r in cn if r["method"] == m), key=lambda r: r["n"])
-            style = dict(lw=2.5, color="k") if m == "stride" else dict(lw=1.2)
-            axes[2].plot([r["n"] for r in rs], [r["seconds"]["total"] for r in rs], marker="o", label=m, **style)
+            axes[2].plot([r["n"] for r in rs], [r["seconds"]["total"] for r in rs], marker="o", label=m, **style(m))
         axes[2].set(xscale="log", yscale="log", xlabel="training examples n", ylabel="seconds (all stages)",
                     title=f"cost by n (size {cn[0]['size']})")
-    axes[0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+        axes[2].set_xticks(ns, [str(n) for n in ns])
+        axes[2].minorticks_off()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
