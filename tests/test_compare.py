@@ -31,6 +31,12 @@ def test_configs_load_and_bad_input_is_rejected():
         compare.CompareConfig(sizes=(compare.SizeSpec("a"), compare.SizeSpec("a")))
     with pytest.raises(ValueError, match="scaling.size"):
         compare.CompareConfig(scaling=compare.ScalingConfig(size="zz"))
+    with pytest.raises(ValueError, match="stride_tuned names size"):
+        compare.CompareConfig(stride_tuned={"zz": {}})
+    with pytest.raises(ValueError, match="unknown"):
+        compare.CompareConfig(stride_tuned={"0.2M": {"fit": {"no_such_field": 1}}})
+    tuned = compare.CompareConfig.from_dict({"stride_tuned": {"2.2M": {"fit": {"learning_rate": 0.01}}}})
+    assert tuned.stride_tuned["2.2M"]["fit"]["learning_rate"] == 0.01
     with pytest.raises(ValueError, match="unknown CompareConfig"):
         compare.CompareConfig.from_dict({"sizez": []})
 
@@ -38,7 +44,7 @@ def test_configs_load_and_bad_input_is_rejected():
 def _row(method, size, params, lds, total, peak, load):
     return {"method": method, "size": size, "params": params, "lds": {"mean": lds, "ci95": [lds - .1, lds + .1],
             "n_nan": 0}, "seconds": {"fit": total / 2, "total": total}, "peak_memory_bytes": peak,
-            "load_peak_bytes": load, "memory_kind": "process peak RSS"}
+            "load_peak_bytes": load, "memory_kind": "peak RSS while the method ran"}
 
 
 def test_growth_ratios_markdown_and_plot(tmp_path):
