@@ -190,10 +190,8 @@ def _run_method(exp_cfg: Any, run_dir: Path, method: str, method_dir: Path) -> d
     import jax
 
     from stride_jax import baselines as bl
-    from stride_jax import data as data_lib
-    from stride_jax import train as train_lib
     from stride_jax.attribution import Stride
-    from stride_jax.experiment import base_model, concat_examples, load_data, model_config
+    from stride_jax.experiment import base_model, baseline_factories, concat_examples, load_data
 
     train, val, test = load_data(exp_cfg)
     queries = concat_examples(val, test)
@@ -215,23 +213,12 @@ def _run_method(exp_cfg: Any, run_dir: Path, method: str, method_dir: Path) -> d
         seconds.update({k: stride.timings[k] for k in ("fit", "measure", "recover")})
     else:
         resumed = False
-        layer = exp_cfg.stride.steering.layer
-        if method == "tracin":
-            t0 = time.perf_counter()
-            ckpts = train_lib.pretrain_with_checkpoints(
-                model_config(exp_cfg, len(data_lib.load_tokenizer())), train, exp_cfg.pretrain,
-                exp_cfg.model.seed, 4, progress=False,
-            )
+        factories = {**baseline_factories(exp_cfg, train),
+                     "trak-ensemble": lambda: bl.TRAK(n_retrain=TRAK_ENSEMBLE_RETRAINS, train_config=exp_cfg.pretrain)}
+        t0 = time.perf_counter()
+        attributor = factories[method]()
+        if method == "tracin":  # its constructor trains the checkpoints
             seconds["checkpoints"] = time.perf_counter() - t0
-            attributor = bl.TracIn([(c.model, c.learning_rate) for c in ckpts])
-        else:
-            attributor = {
-                "random": lambda: bl.RandomAttributor(seed=0),
-                "repr-sim": lambda: bl.RepresentationSimilarity(layer),
-                "tfidf": bl.TfidfSimilarity, "bm25": bl.BM25, "encoder-sim": bl.EncoderSimilarity,
-                "graddot": bl.GradDot, "trak": bl.TRAK, "logra": bl.LoGra, "ekfac": bl.EKFAC,
-                "trak-ensemble": lambda: bl.TRAK(n_retrain=TRAK_ENSEMBLE_RETRAINS, train_config=exp_cfg.pretrain),
-            }[method]()
         attr = attributor.fit(model, train).attribute(queries)
         seconds.update(getattr(attributor, "timings", {}))
     seconds["total"] = time.perf_counter() - t_start

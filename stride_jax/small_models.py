@@ -286,15 +286,12 @@ def run_stride_variants(p: Prepared, configs: dict[str, StrideConfig], workdir: 
     for name, scfg in configs.items():
         scfg = fit_subsets_per_step(scfg)
         key = _fit_key(scfg)
-        if errors is not None:
-            try:
-                run = _run_variant(p, name, scfg, key, fits, workdir, progress)
-            except (FloatingPointError, ValueError) as e:
-                errors[name] = f"{type(e).__name__}: {e}"
-                continue
-        else:
-            run = _run_variant(p, name, scfg, key, fits, workdir, progress)
-        runs[name] = run
+        try:
+            runs[name] = _run_variant(p, name, scfg, key, fits, workdir, progress)
+        except (FloatingPointError, ValueError) as e:
+            if errors is None:
+                raise
+            errors[name] = f"{type(e).__name__}: {e}"
     return runs
 
 
