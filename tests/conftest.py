@@ -1,4 +1,9 @@
-"""Test harness: 4 host CPU devices (for sharding tests) and 32-bit JAX, set before jax loads."""
+"""Test harness: 4 host CPU devices (for sharding tests) and 32-bit JAX, set before jax loads.
+
+`JAX_ENABLE_X64=1 pytest` runs the suite in 64-bit mode instead (an audit of which tests depend
+on the float32 arithmetic path); by default the suite runs in 32-bit mode whatever the
+environment says.
+"""
 
 import os
 
@@ -8,4 +13,4 @@ if "xla_force_host_platform_device_count" not in _flags:
 
 import jax  # noqa: E402
 
-jax.config.update("jax_enable_x64", False)
+jax.config.update("jax_enable_x64", os.environ.get("JAX_ENABLE_X64", "0").lower() in ("1", "true"))

@@ -49,8 +49,21 @@ def test_init_matches_build():
             np.testing.assert_array_equal(a[i], b)
 
 
+def _relative_gap(a_leaves, b_leaves, init_leaves):
+    """Per leaf: ||a - b|| / ||a - init||, the disagreement as a fraction of what training moved."""
+    return [float(np.linalg.norm(a - b) / max(np.linalg.norm(a - i), 1e-12))
+            for a, b, i in zip(a_leaves, b_leaves, init_leaves)]
+
+
 def test_vmapped_models_equal_separate_runs():
-    """M = 2 vmapped (chunks of 4 steps, last padded) == two M = 1 runs (one chunk of 6)."""
+    """M = 2 vmapped (chunks of 4 steps, last padded) == two M = 1 runs (one chunk of 6).
+
+    Not bitwise: vmapping and chunking change how XLA fuses and reassociates float32 sums, and
+    that differs between CPUs and XLA builds (one parameter of 4096 differed by 1.6e-5 on an AMD
+    EPYC). The tolerance is relative to how far training moved each parameter tensor: a
+    reassociation error after 6 Adam steps is ~1e-4 of that distance at most, while a model
+    trained on another subset (the negative control below) is ~1 of it away.
+    """
     ex = _random_examples()
     idx = np.stack([np.arange(0, 24), np.arange(16, 40)])
     seeds = np.array([7, 11])
@@ -58,13 +71,18 @@ def test_vmapped_models_equal_separate_runs():
     assert all(leaf.shape[0] == 2 for leaf in jax.tree.leaves(state_2))
     one_chunk = train.TrainConfig(**{**FAST.to_dict(), "scan_steps": 6})
     for i in range(2):
+        init = jax.tree.leaves(nnx.state(models.build(CFG, int(seeds[i]))))
         g1, state_1 = train.train_many(CFG, ex, idx[i : i + 1], seeds[i : i + 1], one_chunk,
                                        progress=False)
-        for a, b in zip(_leaves(graphdef, state_2, i), _leaves(g1, state_1, 0)):
-            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-    # different subsets (and seeds) give different models
-    a, b = _leaves(graphdef, state_2, 0), _leaves(graphdef, state_2, 1)
-    assert not any(np.allclose(x, y) for x, y in zip(a, b))
+        gap = _relative_gap(_leaves(graphdef, state_2, i), _leaves(g1, state_1, 0), init)
+        assert max(gap) < 1e-3, gap
+        np.testing.assert_allclose(train.eval_losses(g1, state_1, ex)[0],
+                                   train.eval_losses(graphdef, state_2, ex)[i], rtol=1e-4)
+        # negative control: the same seed trained on the other model's subset is far away
+        _, wrong = train.train_many(CFG, ex, idx[1 - i : 2 - i], seeds[i : i + 1], one_chunk,
+                                    progress=False)
+        wrong_gap = _relative_gap(_leaves(graphdef, state_2, i), _leaves(g1, wrong, 0), init)
+        assert min(wrong_gap) > 0.05, wrong_gap
 
 
 def test_same_seed_different_subsets_differ():
