@@ -1,0 +1,159 @@
+"""Frozen models behind one hook protocol, their configs, the per-example loss and checkpoints.
+
+A model enters STRIDE, the baselines and the training loops through `HookedModel`
+(docs/interfaces.md): a depth, the width at every hook point, the output width, and the forward
+pass split at any hook point l into
+
+    trunk(inputs, layer=l, mask=None) -> h        the state after l blocks (0: embeddings / features)
+    rest(h, layer=l, mask=None)       -> logits   blocks[l:], final norm and head (float32)
+    model(inputs, mask) == rest(trunk(inputs, layer=l, mask), layer=l, mask)  for l in [0, n_layers]
+
+`rest(h, layer=n_layers)` runs no block: for a sequence model it acts on each position on its
+own, so logits can be formed from cached final states at any subset of positions. `mask` is a
+[B, T] padding mask of sequence models (1 = real token; None = all real); classifiers take none.
+
+| module | models |
+|---|---|
+| `gpt.py` | nanochat-style GPT (`GPTConfig`) |
+| `classifiers.py` | MLP (`MLPConfig`) and ConvNet (`ConvConfig`) classifiers |
+| `checkpoint.py` | `save_model` / `load_model`: orbax state + metadata, atomic, digest-checked |
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from stride_jax.models.classifiers import MLP, ConvConfig, ConvNet, MLPConfig
+from stride_jax.models.gpt import GPT, GPTConfig
+
+__all__ = [
+    "HookedModel",
+    "GPTConfig",
+    "MLPConfig",
+    "ConvConfig",
+    "ModelConfig",
+    "GPT",
+    "MLP",
+    "ConvNet",
+    "example_loss",
+    "build",
+    "init_state",
+    "graphdef_of",
+    "config_from_dict",
+    "register",
+    "save_model",
+    "load_model",
+    "is_sequence_model",
+    "param_digest",
+]
+
+
+@runtime_checkable
+class HookedModel(Protocol):
+    """What STRIDE and every baseline need from a frozen model (docs/interfaces.md)."""
+
+    n_layers: int
+    out_dim: int
+
+    def hidden_dim_at(self, layer: int) -> int: ...
+
+    def trunk(self, inputs: jax.Array, *, layer: int, mask: jax.Array | None = None) -> jax.Array: ...
+
+    def rest(self, h: jax.Array, *, layer: int, mask: jax.Array | None = None) -> jax.Array: ...
+
+
+ModelConfig = Any  # GPTConfig | MLPConfig | ConvConfig | any registered config
+_CONFIGS: dict[str, tuple[type, type]] = {}
+
+
+def register(config_cls: type, model_cls: type) -> None:
+    """Make a (config, model) pair buildable, savable and loadable by its `model_type`."""
+    _CONFIGS[config_cls.model_type] = (config_cls, model_cls)
+
+
+register(GPTConfig, GPT)
+register(MLPConfig, MLP)
+register(ConvConfig, ConvNet)
+
+
+def config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
+    """Inverse of `cfg.to_dict()`; dispatches on d["model_type"]."""
+    model_type = d.get("model_type")
+    if model_type not in _CONFIGS:
+        raise ValueError(f"config dict needs model_type in {sorted(_CONFIGS)}, got {model_type!r}")
+    return _CONFIGS[model_type][0].from_dict(d)
+
+
+def is_sequence_model(model: Any) -> bool:
+    """True for token models (inputs [B, T], logits [B, T, V])."""
+    return bool(getattr(model, "is_sequence_model", False))
+
+
+def example_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Per-example cross-entropy [B]: the (mask-weighted) mean over every non-batch axis.
+
+    For an LM, the mean next-token loss over the positions where `mask` [B, T] is nonzero
+    (weights in [0, 1]; None = every position). A row whose mask is all zero has loss 0.
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {logits.shape} do not match targets {targets.shape}")
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    ce = ce.reshape(ce.shape[0], -1)
+    if mask is None:
+        return ce.mean(axis=1)
+    if mask.shape != targets.shape:
+        raise ValueError(f"loss mask {mask.shape} does not match targets {targets.shape}")
+    w = mask.reshape(mask.shape[0], -1).astype(jnp.float32)
+    return (ce * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1e-9)
+
+
+def _build_with_key(cfg: ModelConfig, key: jax.Array) -> nnx.Module:
+    entry = _CONFIGS.get(getattr(cfg, "model_type", None))
+    if entry is None or not isinstance(cfg, entry[0]):
+        raise TypeError(f"unknown model config type {type(cfg).__name__}")
+    return entry[1](cfg, rngs=nnx.Rngs(params=key))
+
+
+@functools.lru_cache(maxsize=64)
+def graphdef_of(cfg: ModelConfig) -> nnx.GraphDef:
+    """The (static) graph definition of the model `cfg` builds, without allocating it."""
+    return nnx.graphdef(nnx.eval_shape(lambda: _build_with_key(cfg, jax.random.key(0))))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def init_state(key: jax.Array, *, cfg: ModelConfig) -> nnx.State:
+    """Initial parameters of model `cfg` from a PRNG key (jitted once per config).
+
+    One jitted init per config rather than eager or vmapped inits: threefry sampling compiles
+    slowly on CPU (~0.1-0.3 s per initializer call site), and this way `build` and every
+    `train.train_many` call, whatever its number of models, share one compiled init and give
+    bit-identical parameters for the same seed.
+    """
+    return nnx.split(_build_with_key(cfg, key))[1]
+
+
+def build(cfg: ModelConfig, seed: int) -> nnx.Module:
+    """Fresh model initialised from `seed` (the same params as train_many's init for that seed)."""
+    if getattr(cfg, "model_type", None) not in _CONFIGS:
+        raise TypeError(f"unknown model config type {type(cfg).__name__}")
+    return nnx.merge(graphdef_of(cfg), init_state(jax.random.key(int(seed)), cfg=cfg))
+
+
+def param_digest(model: nnx.Module) -> str:
+    """sha256 of the model's config and parameter values: equal digests mean the same model."""
+    from stride_jax import store
+
+    cfg = getattr(model, "cfg", None)
+    return store.fingerprint({"config": cfg.to_dict() if hasattr(cfg, "to_dict") else repr(cfg),
+                              "params": store.tree_digest(nnx.state(model, nnx.Param))})
+
+
+from stride_jax.models.checkpoint import load_model, save_model  # noqa: E402
