@@ -1,36 +1,36 @@
 """The `Stride` facade and the `Attribution` result.
 
-    stride = Stride(StrideConfig()).fit(model, train_examples, workdir="runs/fit")
-    attr = stride.attribute(query_examples)
+    stride = Stride(StrideConfig.preset("lm")).fit(model, train, workdir="runs/fit")
+    attr = stride.attribute(queries)
     attr.scores            # [N, Q], positive = including the example lowers the query's loss
     attr.top_k(0, k=3)     # most helpful training examples for query 0
+
+Centring (README "Choices the paper leaves open"): by default each operator's mean effect is
+measured once at fit time on a fixed sample of the pool (`n_reference` examples, each operator
+averaged over the ones outside its subset), so a query's scores depend on that query alone,
+whatever else shares the `attribute` call.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
+import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from flax import nnx
 
-from stride_jax import recovery
+from stride_jax import models, recovery, store
 from stride_jax.config import StrideConfig, to_dict
 from stride_jax.design import Design, left_regular_design
 from stride_jax.fit import Fitter
-from stride_jax.measure import Measurement, measure, responses
-from stride_jax.steering import OperatorBank
+from stride_jax.measure import Measurement, Reference, measure, responses
 
-# Below this many queries each operator's mean effect is estimated on reference pool examples.
-MIN_QUERIES_FOR_CENTRING = 32
+log = logging.getLogger("stride_jax")
 
-
-class ExampleSet(Protocol):
-    inputs: np.ndarray
-    targets: np.ndarray
-    ids: np.ndarray
+SIGN = "positive = including the training example lowers the query's loss (helps it)"
 
 
 @dataclasses.dataclass
@@ -40,10 +40,17 @@ class Attribution:
     scores: np.ndarray  # [N, Q]
     train_ids: np.ndarray  # [N]
     query_ids: np.ndarray  # [Q]
-    lambdas: np.ndarray  # [Q] the l1 penalty used per query
-    n_iter: np.ndarray  # [Q] FISTA iterations
-    converged: np.ndarray  # [Q]
+    lambdas: np.ndarray | None = None  # [Q] the l1 penalty used per query (STRIDE)
+    n_iter: np.ndarray | None = None  # [Q] solver iterations (STRIDE)
+    converged: np.ndarray | None = None  # [Q] recovery converged (STRIDE)
     method: str = "stride"
+
+    def __post_init__(self) -> None:
+        self.scores = np.asarray(self.scores, np.float32)
+        self.train_ids, self.query_ids = np.asarray(self.train_ids), np.asarray(self.query_ids)
+        if self.scores.shape != (len(self.train_ids), len(self.query_ids)):
+            raise ValueError(f"scores {self.scores.shape} do not match {len(self.train_ids)} train ids x "
+                             f"{len(self.query_ids)} query ids")
 
     @property
     def n_train(self) -> int:
@@ -52,6 +59,10 @@ class Attribution:
     @property
     def n_query(self) -> int:
         return self.scores.shape[1]
+
+    @property
+    def n_not_converged(self) -> int:
+        return 0 if self.converged is None else int((~np.asarray(self.converged, bool)).sum())
 
     def top_k(self, query: int, k: int = 10, *, harmful: bool = False) -> list[tuple[int, float]]:
         """The k most helpful (or harmful) training examples for one query: (row index, score)."""
@@ -62,92 +73,134 @@ class Attribution:
         return [(int(i), float(col[i])) for i in order]
 
     def save(self, path: str | Path) -> None:
-        """Write `scores.npz` and `attribution.json` into directory `path` (no pickle)."""
+        """Write `scores.npz` (with a digest) and `attribution.json` into directory `path` (no pickle)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(
-            path / "scores.npz", scores=self.scores, train_ids=self.train_ids, query_ids=self.query_ids,
-            lambdas=self.lambdas, n_iter=self.n_iter, converged=self.converged,
-        )
-        (path / "attribution.json").write_text(
-            json.dumps({"method": self.method, "n_train": self.n_train, "n_query": self.n_query,
-                        "sign": "positive = including the example lowers the query loss"}, indent=2)
-        )
+        arrays = {"scores": self.scores, "train_ids": self.train_ids, "query_ids": self.query_ids}
+        for name in ("lambdas", "n_iter", "converged"):
+            if getattr(self, name) is not None:
+                arrays[name] = np.asarray(getattr(self, name))
+        sha = store.save_npz(path / "scores.npz", arrays)
+        store.write_json(path / "attribution.json", {"method": self.method, "n_train": self.n_train,
+                                                     "n_query": self.n_query, "sign": SIGN, "sha256": sha})
 
     @classmethod
-    def load(cls, path: str | Path) -> "Attribution":
+    def load(cls, path: str | Path) -> Attribution:
         path = Path(path)
         try:
-            meta = json.loads((path / "attribution.json").read_text())
-            with np.load(path / "scores.npz", allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError, KeyError) as e:
+            meta = store.read_json(path / "attribution.json")
+            arrays = store.load_npz(path / "scores.npz")
+        except (OSError, ValueError) as e:
             raise ValueError(f"cannot read attribution from {path}: {e}") from e
         if arrays["scores"].shape != (meta["n_train"], meta["n_query"]):
             raise ValueError(f"attribution in {path} is corrupted: scores shape {arrays['scores'].shape}")
         return cls(method=meta["method"], **arrays)
 
 
+def _check_pool(model: nnx.Module, train: Any, cfg: StrideConfig) -> None:
+    """Every check that needs no compile: the pool fits the model, the design fits the pool."""
+    if not isinstance(model, models.HookedModel):
+        raise TypeError(f"{type(model).__name__} does not implement the HookedModel protocol "
+                        "(n_layers, out_dim, hidden_dim_at, trunk, rest; see docs/interfaces.md)")
+    n = len(train)
+    if n < 2:
+        raise ValueError(f"the training set needs at least 2 examples, got {n}")
+    models.check_examples(model.cfg, train)
+    cfg.steering.resolve(model.n_layers)
+    d = cfg.design
+    if n * d.per_example < d.n_subsets:
+        raise ValueError(f"design.n_subsets (K={d.n_subsets}) is too large for {n} training examples with "
+                         f"design.per_example={d.per_example}: at most n * d = {n * d.per_example} subsets "
+                         "can be non-empty")
+
+
 class Stride:
     """STRIDE: fit K steering operators on subsets of the pool, measure, recover by Lasso."""
 
-    def __init__(self, cfg: StrideConfig = StrideConfig(), *, mesh=None):
+    def __init__(self, cfg: StrideConfig | None = None, *, mesh=None):
         """`mesh` (a `jax.sharding.Mesh` with a "subsets" axis) splits measurement over devices."""
-        self.cfg = cfg
+        self.cfg = cfg if cfg is not None else StrideConfig()
         self.mesh = mesh
         self.model: nnx.Module | None = None
         self.design: Design | None = None
-        self.bank: OperatorBank | None = None
+        self.bank = None
         self.train_ids: np.ndarray | None = None
-        self.reference: Measurement | None = None
+        self.reference: Reference | None = None
         self.timings: dict[str, float] = {}
 
-    def fit(
-        self,
-        model: nnx.Module,
-        train: ExampleSet,
-        *,
-        workdir: str | Path | None = None,
-        fingerprint: dict[str, Any] | None = None,
-        progress: bool = True,
-        n_reference: int = 64,
-    ) -> "Stride":
-        """Draw the design and fit all operators (resuming from `workdir` when it holds a fit)."""
-        import time
+    def fit(self, model: nnx.Module, train: Any, *, workdir: str | Path | None = None, progress: bool = True,
+            n_reference: int = 64) -> Stride:
+        """Draw the design and fit all operators (resuming from `workdir` when it holds this fit).
 
-        n = len(train.inputs)
-        if n < 2:
-            raise ValueError(f"need at least 2 training examples, got {n}")
+        The workdir records fingerprints of the model's parameters, the pool's tokens and ids and
+        the settings; reusing it with anything else raises `store.IdentityError`.
+        """
+        _check_pool(model, train, self.cfg)
         d = self.cfg.design
         t0 = time.perf_counter()
-        self.design = left_regular_design(n, d.n_subsets, d.per_example, d.seed)
-        fitter = Fitter(model, train.inputs, train.targets, self.design, self.cfg, workdir=workdir,
-                        fingerprint=fingerprint)
+        self.design = left_regular_design(len(train), d.n_subsets, d.per_example, d.seed)
+        fitter = Fitter(model, train, self.design, self.cfg, workdir=workdir, progress=progress)
+        self.cfg = fitter.cfg  # negative layers resolved
         self.bank = fitter.run(progress=progress)
         self.model = model
         self.train_ids = np.asarray(train.ids)
         self.timings["fit"] = time.perf_counter() - t0
-        # Reference pool examples for estimating each operator's query-independent effect.
-        rng = np.random.default_rng(d.seed + 7)
-        ref = np.sort(rng.choice(n, size=min(n_reference, n), replace=False))
-        self.reference = measure(model, self.bank, train.inputs[ref], train.targets[ref],
-                                 self.cfg.steering, self.cfg.measure, progress=False)
+        t0 = time.perf_counter()
+        self.reference = self._reference(train, n_reference, workdir)
+        self.timings["reference"] = time.perf_counter() - t0
         return self
+
+    def _reference(self, train: Any, n_reference: int, workdir: str | Path | None) -> Reference | None:
+        """Operators' effects on a fixed seeded sample of the pool (cached in the workdir)."""
+        if not (self.cfg.measure.center_operators and self.cfg.measure.reference == "fit"):
+            return None
+        n = len(train)
+        rows = np.sort(np.random.default_rng(self.cfg.design.seed + 7).choice(n, size=min(n_reference, n),
+                                                                            replace=False))
+        member_PxK = np.zeros((len(rows), self.design.n_subsets), bool)
+        member_PxK[np.arange(len(rows))[:, None], self.design.ids_NxS[rows]] = True
+        path = Path(workdir) / f"reference_{len(rows)}.npz" if workdir is not None else None
+        if path is not None and path.exists():
+            z = store.load_npz(path)
+            if np.array_equal(z["rows"], rows):
+                return Reference(Measurement(z["base"], z["steered"]), member_PxK)
+        m = measure(self.model, self.bank, train[rows], self.cfg.steering, self.cfg.measure, progress=False,
+                    mesh=self.mesh)
+        if path is not None:
+            store.save_npz(path, {"rows": rows, "base": m.base_loss_Q, "steered": m.steered_loss_QxK})
+        return Reference(m, member_PxK)
+
+    def with_config(self, cfg: StrideConfig) -> Stride:
+        """A facade sharing this fit under other measurement / recovery settings (no refit)."""
+        self._require_fit()
+        for section in ("design", "steering", "fit"):
+            a, b = to_dict(getattr(self.cfg, section)), to_dict(getattr(cfg, section))
+            if section == "steering":
+                b["layer"] = cfg.steering.resolve(self.model.n_layers).layer
+            if a != b:
+                raise ValueError(f"with_config can change only measure and recovery settings; {section} "
+                                 f"differs ({a} vs {b}): fit a new Stride")
+        other = Stride(dataclasses.replace(cfg, steering=self.cfg.steering), mesh=self.mesh)
+        for name in ("model", "design", "bank", "train_ids", "reference"):
+            setattr(other, name, getattr(self, name))
+        if other.cfg.measure.reference == "fit" and other.reference is None and other.cfg.measure.center_operators:
+            raise ValueError("this fit has no reference measurement (it was fitted with measure.reference="
+                             "'queries'); refit to centre on a fit-time reference")
+        return other
 
     def _require_fit(self) -> None:
         if self.bank is None:
             raise RuntimeError("call Stride.fit(model, train) before measuring or attributing")
 
-    def measure(self, queries: ExampleSet, *, progress: bool = True) -> Measurement:
+    def measure(self, queries: Any, *, progress: bool = True) -> Measurement:
         """Base and steered losses of every query (raw, before centring)."""
         self._require_fit()
-        return measure(self.model, self.bank, queries.inputs, queries.targets, self.cfg.steering,
-                       self.cfg.measure, progress=progress, mesh=self.mesh)
+        return measure(self.model, self.bank, queries, self.cfg.steering, self.cfg.measure, progress=progress,
+                       mesh=self.mesh)
 
     def responses(self, m: Measurement) -> np.ndarray:
         """Centred y [Q, K] for recovery."""
-        few = m.base_loss_Q.shape[0] < MIN_QUERIES_FOR_CENTRING
-        return responses(m, self.cfg.measure, reference=self.reference if few else None)
+        return responses(m, self.cfg.measure, reference=self.reference)
 
     def recover(self, y_QxK: np.ndarray, query_ids: np.ndarray | None = None) -> Attribution:
         """Lasso recovery of per-example scores from responses y [Q, K]."""
@@ -160,19 +213,22 @@ class Stride:
         lambdas = float(frac) * lam_max
         res = recovery.fista_lasso(y_QxK, self.design, lambdas, rc.fista)
         q = y_QxK.shape[0]
-        return Attribution(
-            scores=np.asarray(res.coef, dtype=np.float32),
-            train_ids=self.train_ids,
+        attr = Attribution(
+            scores=np.asarray(res.coef, dtype=np.float32), train_ids=self.train_ids,
             query_ids=np.arange(q) if query_ids is None else np.asarray(query_ids),
-            lambdas=np.asarray(lambdas, dtype=np.float32).reshape(q),
-            n_iter=np.asarray(res.n_iter).reshape(q),
+            lambdas=np.asarray(lambdas, dtype=np.float32).reshape(q), n_iter=np.asarray(res.n_iter).reshape(q),
             converged=np.asarray(res.converged).reshape(q),
         )
+        if attr.n_not_converged:
+            msg = (f"Lasso recovery did not converge for {attr.n_not_converged} of {q} queries within "
+                   f"recovery.fista.max_iter={rc.fista.max_iter}; their scores are approximate")
+            if rc.strict:
+                raise RuntimeError(msg)
+            log.warning(msg)
+        return attr
 
-    def attribute(self, queries: ExampleSet, *, progress: bool = True) -> Attribution:
+    def attribute(self, queries: Any, *, progress: bool = True) -> Attribution:
         """Scores [N, Q] for `queries`: measure all operators, centre, recover."""
-        import time
-
         t0 = time.perf_counter()
         m = self.measure(queries, progress=progress)
         self.timings["measure"] = time.perf_counter() - t0

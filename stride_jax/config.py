@@ -1,21 +1,32 @@
-"""Configuration: small frozen dataclasses that reach `jit`, and the experiment config around them.
+"""Configuration: small frozen dataclasses that reach `jit`, the `StrideConfig` around them, presets.
 
-Two layers (STYLE.md rule 4): `SteeringConfig`, `FitConfig`, `MeasureConfig` and
-`recovery.FistaConfig` are frozen and hashable, so they can be static arguments of jitted
-functions. `StrideConfig` groups them with the design and is what a user edits, loads from YAML
-or JSON, and what every run writes back as `config.json`.
+Two layers (STYLE.md rule 4): `SteeringConfig`, `MeasureConfig` and `recovery.FistaConfig` are
+frozen and hashable and reach jitted functions as static arguments; `FitConfig` splits into
+the fields that set shapes (static) and the hyperparameters that do not (learning rate and loss
+weights, passed traced, so a learning-rate sweep compiles one step). `StrideConfig` groups them
+with the design; it is what a user edits, loads from YAML/JSON (`from_dict` rejects unknown
+keys and wrongly typed values, naming them) or takes from `StrideConfig.preset(name)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 from stride_jax.recovery import FistaConfig
 
 Placement = Literal["logits", "residual"]
+
+
+def _check_positive_int(owner: str, **fields: Any) -> None:
+    for name, value in fields.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{owner}.{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,12 +38,10 @@ class DesignConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.n_subsets < 1:
-            raise ValueError(f"n_subsets (K) must be >= 1, got {self.n_subsets}")
-        if not 1 <= self.per_example <= self.n_subsets:
-            raise ValueError(
-                f"per_example (d={self.per_example}) must be in [1, n_subsets (K={self.n_subsets})]"
-            )
+        _check_positive_int("design", n_subsets=self.n_subsets, per_example=self.per_example)
+        if self.per_example > self.n_subsets:
+            raise ValueError(f"design.per_example (d={self.per_example}) must be <= design.n_subsets "
+                             f"(K={self.n_subsets})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +50,8 @@ class SteeringConfig:
 
     placement="logits": o~ = o + B(h_l) a_k (paper text); "residual": z~_l = z_l + B(z_l) a_k, then
     the rest of the frozen network (paper figure). B is a linear map of the RMS-normalised
-    layer-`layer` activation to `rank` numbers (the paper does not publish B's form).
+    layer-`layer` activation to `rank` numbers (the paper does not publish B's form). A
+    negative `layer` counts from the top (-1 = the last hook point, the final residual state).
     """
 
     layer: int = 1
@@ -51,12 +61,21 @@ class SteeringConfig:
     basis_init_std: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if self.layer < 0:
-            raise ValueError(f"layer must be >= 0, got {self.layer}")
+        _check_positive_int("steering", rank=self.rank)
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
+            raise ValueError(f"steering.layer must be an integer, got {self.layer!r}")
         if self.placement not in ("logits", "residual"):
-            raise ValueError(f"placement must be 'logits' or 'residual', got {self.placement!r}")
+            raise ValueError(f"steering.placement must be 'logits' or 'residual', got {self.placement!r}")
+        if not self.basis_init_std > 0:
+            raise ValueError(f"steering.basis_init_std must be > 0, got {self.basis_init_std}")
+
+    def resolve(self, n_layers: int) -> SteeringConfig:
+        """This config with a negative layer made absolute for a model of depth `n_layers`."""
+        layer = self.layer + n_layers + 1 if self.layer < 0 else self.layer
+        if not 0 <= layer <= n_layers:
+            raise ValueError(f"steering.layer {self.layer} is beyond the model's depth: hook points are "
+                             f"0..{n_layers} (or -1..-{n_layers + 1} from the top)")
+        return dataclasses.replace(self, layer=layer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +83,8 @@ class FitConfig:
     """Joint fit of the basis and all per-subset matrices (paper section 3, our defaults).
 
     Loss = fidelity + stability_weight * KL(base || steered) + linearity_weight * ridge residual.
+    Fields that set array shapes reach the jitted step as static (`FitShape`); the learning
+    rate and loss weights are traced (`hyper`), so changing them does not recompile.
     """
 
     steps: int = 300
@@ -79,18 +100,44 @@ class FitConfig:
     ridge_gamma: float = 1.0
     seed: int = 0
     checkpoint_every: int = 100
+    cache_dtype: Literal["float32", "bfloat16"] = "float32"  # cached hook-layer / final states
 
     def __post_init__(self) -> None:
-        for name in ("steps", "subsets_per_step", "fidelity_batch", "stability_batch", "probe_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("stability_weight", "linearity_weight", "ridge_gamma", "learning_rate"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.positions_per_example is not None and self.positions_per_example < 1:
-            raise ValueError(f"positions_per_example must be >= 1 or None, got {self.positions_per_example}")
-        if self.sketch_dim < 1:
-            raise ValueError(f"sketch_dim must be >= 1, got {self.sketch_dim}")
+        _check_positive_int("fit", steps=self.steps, subsets_per_step=self.subsets_per_step,
+                            fidelity_batch=self.fidelity_batch, stability_batch=self.stability_batch,
+                            probe_batch=self.probe_batch, sketch_dim=self.sketch_dim,
+                            checkpoint_every=self.checkpoint_every)
+        if self.positions_per_example is not None:
+            _check_positive_int("fit", positions_per_example=self.positions_per_example)
+        for name in ("stability_weight", "linearity_weight", "ridge_gamma"):
+            if not float(getattr(self, name)) >= 0:
+                raise ValueError(f"fit.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < float(self.learning_rate) < float("inf"):
+            raise ValueError(f"fit.learning_rate must be a positive finite number, got {self.learning_rate}")
+        if self.cache_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"fit.cache_dtype must be 'float32' or 'bfloat16', got {self.cache_dtype!r}")
+
+    @property
+    def shape(self) -> FitShape:
+        return FitShape(self.subsets_per_step, self.fidelity_batch, self.stability_batch, self.probe_batch,
+                        self.positions_per_example, self.sketch_dim, self.linearity_weight > 0)
+
+    @property
+    def hyper(self) -> dict[str, float]:
+        return {"learning_rate": float(self.learning_rate), "stability_weight": float(self.stability_weight),
+                "linearity_weight": float(self.linearity_weight), "ridge_gamma": float(self.ridge_gamma)}
+
+
+class FitShape(typing.NamedTuple):
+    """The static (shape-setting) part of a FitConfig."""
+
+    subsets_per_step: int
+    fidelity_batch: int
+    stability_batch: int
+    probe_batch: int
+    positions_per_example: int | None
+    sketch_dim: int
+    linearity: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,35 +145,53 @@ class MeasureConfig:
     """How y[q, k] is formed and centred before recovery.
 
     space="log": y = log loss_base - log loss_k (losses are heavy-tailed); "diff": loss_base - loss_k.
-    center_operators: subtract each operator's mean effect over the queries (an operator that
-    lowers every query's loss carries no information about any one of them).
+    loss_floor: losses are clipped below at this value before the log (a confident classifier's
+      float32 cross-entropy is often exactly 0); applied to queries and reference alike.
+    center_operators: subtract each operator's mean effect; with reference="fit" it is measured
+      once at fit time on a fixed sample of the pool (each operator averaged over the reference
+      examples outside its subset), so a query's scores do not depend on the other queries of a
+      call; with reference="queries", on the queries of the call.
     center_queries: subtract each query's mean over operators (an intercept).
+    operator_chunk / query_chunk: operators applied at once (`lax.map` batch) / queries per
+      compiled call (the last chunk is padded, so one program serves every call).
     """
 
     space: Literal["log", "diff"] = "log"
+    loss_floor: float = 1e-6
     center_operators: bool = True
     center_queries: bool = True
-    operator_chunk: int = 128
+    reference: Literal["fit", "queries"] = "fit"
+    operator_chunk: int = 32
     query_chunk: int = 64
 
     def __post_init__(self) -> None:
         if self.space not in ("log", "diff"):
-            raise ValueError(f"space must be 'log' or 'diff', got {self.space!r}")
-        if self.operator_chunk < 1 or self.query_chunk < 1:
-            raise ValueError("operator_chunk and query_chunk must be >= 1")
+            raise ValueError(f"measure.space must be 'log' or 'diff', got {self.space!r}")
+        if self.reference not in ("fit", "queries"):
+            raise ValueError(f"measure.reference must be 'fit' or 'queries', got {self.reference!r}")
+        if not 0 < float(self.loss_floor) < 1:
+            raise ValueError(f"measure.loss_floor must lie in (0, 1), got {self.loss_floor}")
+        _check_positive_int("measure", operator_chunk=self.operator_chunk, query_chunk=self.query_chunk)
 
 
 @dataclasses.dataclass(frozen=True)
 class RecoveryConfig:
-    """Lasso recovery. lambda = lambda_frac * ||M^T y||_inf per query, or chosen on held-out subsets."""
+    """Lasso recovery. lambda = lambda_frac * ||M^T y||_inf per query, or chosen on held-out subsets.
+
+    strict: raise (instead of logging a warning) when a query's recovery did not converge.
+    """
 
     lambda_frac: float | Literal["auto"] = 0.05
     auto_fractions: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
     fista: FistaConfig = FistaConfig()
+    strict: bool = False
 
     def __post_init__(self) -> None:
-        if self.lambda_frac != "auto" and not (isinstance(self.lambda_frac, (int, float)) and self.lambda_frac >= 0):
-            raise ValueError(f"lambda_frac must be >= 0 or 'auto', got {self.lambda_frac!r}")
+        if self.lambda_frac != "auto" and not (isinstance(self.lambda_frac, (int, float))
+                                               and not isinstance(self.lambda_frac, bool)
+                                               and 0 <= self.lambda_frac < float("inf")):
+            raise ValueError(f"recovery.lambda_frac (lambda) must be >= 0 and finite, or 'auto'; got "
+                             f"{self.lambda_frac!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,16 +204,48 @@ class StrideConfig:
     measure: MeasureConfig = MeasureConfig()
     recovery: RecoveryConfig = RecoveryConfig()
 
+    def __post_init__(self) -> None:
+        if self.fit.subsets_per_step > self.design.n_subsets:
+            raise ValueError(f"fit.subsets_per_step ({self.fit.subsets_per_step}) must be <= design.n_subsets "
+                             f"(K={self.design.n_subsets})")
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StrideConfig":
+    def from_dict(cls, d: dict[str, Any]) -> StrideConfig:
         return from_dict(cls, d)
 
-    def replace(self, **sections: dict[str, Any]) -> "StrideConfig":
+    def replace(self, **sections: dict[str, Any]) -> StrideConfig:
         """Copy with fields of sections overridden: `cfg.replace(fit={"steps": 10})`."""
-        return from_dict(StrideConfig, _merge(self.to_dict(), sections))
+        return from_dict(StrideConfig, merge(self.to_dict(), sections))
+
+    @classmethod
+    def preset(cls, name: str, **sections: dict[str, Any]) -> StrideConfig:
+        """A named, measured setting (see `PRESETS` and README "Presets"), optionally overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+        return from_dict(StrideConfig, merge(PRESETS[name], sections))
+
+
+# Named settings, each chosen by LDS on validation queries (README "Presets" has the grids):
+#   lm: the nanochat-style GPT pool of the demo (experiments/results/lm_tuning.md).
+#   classifier: MLP / ConvNet classifiers (experiments/results/presets.md).
+#   quick: tiny and fast, for smoke tests; not for results.
+PRESETS: dict[str, dict[str, Any]] = {
+    "lm": {"design": {"n_subsets": 2048}, "steering": {"rank": 1}, "fit": {"steps": 600}},
+    "classifier": {
+        "design": {"n_subsets": 1000, "per_example": 5},
+        "steering": {"layer": -1, "rank": 8},
+        "fit": {"steps": 1000, "learning_rate": 3e-3, "subsets_per_step": 1000, "fidelity_batch": 8,
+                "stability_batch": 8, "positions_per_example": None},
+    },
+    "quick": {"design": {"n_subsets": 32, "per_example": 4},
+              "fit": {"steps": 20, "subsets_per_step": 8, "checkpoint_every": 10}},
+}
+
+
+# ----------------------------------------------------------------------------- dict <-> dataclass
 
 
 def to_dict(obj: Any) -> Any:
@@ -157,54 +254,122 @@ def to_dict(obj: Any) -> Any:
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (tuple, list)):
         return [to_dict(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
     return obj
 
 
-def from_dict(cls: type, d: dict[str, Any]) -> Any:
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys."""
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """`value` checked against (and, for lists/ints, converted to) the annotated type `tp`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in args:
+            try:
+                return _coerce(value, option, where)
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise TypeError(f"{where}: {value!r} is none of {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError(f"{where} must be null, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ValueError(f"{where} must be one of {list(args)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, where)
+    if origin in (tuple, list) or tp in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where} must be a list, got {type(value).__name__} {value!r}")
+        if args and len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if args:
+            if len(args) != len(value):
+                raise ValueError(f"{where} must have {len(args)} entries, got {len(value)}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        return tuple(value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where} must be a mapping, got {type(value).__name__}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"{where} must be true or false, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise TypeError(f"{where} must be an integer, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError(f"{where} must be a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError(f"{where} must be a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "")
+
+
+def from_dict(cls: type, d: Any, where: str | None = None) -> Any:
+    """Build dataclass `cls` from a nested dict: unknown keys and wrong types raise, named."""
+    where = where or cls.__name__
+    if isinstance(d, cls):
+        return d
     if not isinstance(d, dict):
-        raise TypeError(f"expected a mapping for {cls.__name__}, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(d) - set(fields)
+        raise TypeError(f"{where} must be a mapping, got {type(d).__name__} {d!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {sorted(unknown)}; known: {sorted(fields)}")
-    kwargs = {}
-    for name, value in d.items():
-        default = getattr(cls(), name) if _has_defaults(cls) else None
-        if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            value = from_dict(type(default), value)
-        elif isinstance(default, tuple) and isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
+        raise ValueError(f"unknown field(s) {unknown} in {where}; known: {sorted(fields)}")
+    hints = _hints(cls)
+    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in d.items()}
     return cls(**kwargs)
 
 
-def _has_defaults(cls: type) -> bool:
-    return all(
-        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-        for f in dataclasses.fields(cls)
-    )
-
-
-def _merge(base: dict, override: dict) -> dict:
+def merge(base: dict, override: dict) -> dict:
+    """Recursive dict update (override wins)."""
     out = dict(base)
     for k, v in override.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON experiment config into a dict."""
+    """Read a YAML or JSON config into a dict; a missing file or a syntax error raises ValueError."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"config {path} is not valid YAML: {e}") from e
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config {path} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"config {path} must hold a mapping at top level")
     return data

@@ -1,23 +1,29 @@
-"""Shipped text corpus, its tokenizer, and the `Examples` container every model consumes.
+"""`Examples`, the container every model and method consumes, and ways to build them.
 
-The corpus mixes three public-domain domains (`SOURCES`; provenance in `assets/SOURCES.md`,
-rebuilt by `experiments/build_data.py`). Each source file holds one paragraph per line and
-passages separated by an empty line. Every passage is cut into contiguous regions: the first
-80% of its paragraphs are `train`, the next 10% `val`, the last 10% `test`, so queries drawn from
-`val`/`test` are text the training pool never contains.
-
-An LM example is a chunk of `seq_len + 1` tokens from one source's split (paragraphs joined by
-`EOS_TOKEN`): inputs `chunk[:-1]`, targets `chunk[1:]`. Its id is
-`source_index * ID_STRIDE + chunk_index`, independent of which other sources or how many chunks
-are loaded.
+- `Examples`: inputs, targets, ids, and for token data a padding mask and a loss mask; texts are
+  derived from the tokens whenever a tokenizer is attached, so the two cannot drift apart
+  (docs/interfaces.md states the contract).
+- From your own data: `examples_from_texts` (chunk a corpus into fixed windows, or one padded
+  example per text), `examples_from_pairs` (prompt + response; the loss counts response tokens
+  only, the prompt optionally wrapped by the tokenizer's chat template), `load_jsonl` (a jsonl
+  file with `text`, or `prompt` + `response` fields, read with `datasets`; a `.txt` file is one
+  example per line).
+- The shipped corpus: three public-domain sources (`SOURCES`; provenance in
+  `assets/SOURCES.md`, rebuilt by `experiments/build_data.py`), one paragraph per line and
+  passages separated by an empty line. Each passage is cut into contiguous regions: the first
+  80% of its paragraphs are `train`, the next 10% `val`, the last 10% `test`, so queries from
+  `val`/`test` are text the training pool never contains. `load_examples` cuts a split into
+  chunks of `seq_len + 1` tokens (paragraphs joined by `EOS_TOKEN`) with stable ids
+  `source_index * ID_STRIDE + chunk_index`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
 import hashlib
-import os
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,69 +45,357 @@ VOCAB_SIZE = 1024
 ID_STRIDE = 10**7
 
 
+def _readonly(a: np.ndarray, *, copy: bool = True) -> np.ndarray:
+    """`a` as a read-only array; a writeable caller's array is copied first, so that editing
+    it afterwards cannot change the Examples."""
+    if a.flags.writeable and copy:
+        a = a.copy()
+    a.setflags(write=False)
+    return a
+
+
+def _decode(tokenizer: Any, rows: list[list[int]]) -> tuple[str, ...]:
+    if hasattr(tokenizer, "batch_decode"):  # transformers
+        return tuple(tokenizer.batch_decode(rows, skip_special_tokens=False))
+    return tuple(tokenizer.decode_batch(rows, skip_special_tokens=False))  # tokenizers.Tokenizer
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Examples:
-    """N examples as host numpy arrays; see docs/interfaces.md.
+    """N examples as read-only host numpy arrays (docs/interfaces.md).
 
-    inputs `[N, ...]` (LM: int32 `[N, T]`), targets `[N, ...]` int (LM: int32 `[N, T]`),
-    ids `[N]` int64 stable ids, texts optional N display strings, sources optional `[N]` int32
-    index into `SOURCES`.
+    inputs `[N, ...]` (LM: int token ids `[N, T]`; classifier: float features `[N, F]`),
+    targets `[N, ...]` int (LM: next tokens `[N, T]`; classifier: labels `[N]`), ids `[N]` unique
+    int64. Token data may carry `mask` `[N, T]` (1 = real input token, 0 = padding; None = all
+    real) and `loss_mask` `[N, T]` (weight in [0, 1] of each target in the example's loss; None =
+    every real position). `texts` are N display strings; with a `tokenizer` attached they are
+    decoded from the tokens (giving both raises unless they agree), so editing tokens (with
+    `replace`) re-derives them. `sources` optional `[N]` int index into `SOURCES`.
     """
 
     inputs: np.ndarray
     targets: np.ndarray
     ids: np.ndarray
+    mask: np.ndarray | None = None
+    loss_mask: np.ndarray | None = None
     texts: tuple[str, ...] | None = None
     sources: np.ndarray | None = None
+    tokenizer: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)
-        set_("inputs", np.asarray(self.inputs))
-        set_("targets", np.asarray(self.targets))
-        set_("ids", np.asarray(self.ids, dtype=np.int64))
+        set_("inputs", _readonly(np.asarray(self.inputs)))
+        set_("targets", _readonly(np.asarray(self.targets)))
+        set_("ids", _readonly(np.asarray(self.ids, dtype=np.int64)))
         if self.ids.ndim != 1:
             raise ValueError(f"ids must be 1-D, got shape {self.ids.shape}")
         n = self.ids.shape[0]
         for name in ("inputs", "targets"):
             arr = getattr(self, name)
             if arr.ndim == 0 or arr.shape[0] != n:
-                raise ValueError(f"{name} has shape {arr.shape}; expected leading axis {n}")
+                raise ValueError(f"{name} has shape {arr.shape}; expected leading axis {n} (one per id)")
         if not np.issubdtype(self.targets.dtype, np.integer):
             raise ValueError(f"targets must be integers, got {self.targets.dtype}")
-        if self.texts is not None:
+        if n and len(np.unique(self.ids)) != n:
+            _, counts = np.unique(self.ids, return_counts=True)
+            raise ValueError(f"ids must be unique: {int((counts > 1).sum())} ids appear more than once")
+        for name in ("mask", "loss_mask"):
+            arr = getattr(self, name)
+            if arr is None:
+                continue
+            arr = np.asarray(arr, dtype=np.float32)
+            if arr.shape != self.targets.shape or self.targets.ndim != 2:
+                raise ValueError(f"{name} must be [N, T] like the targets {self.targets.shape}, got {arr.shape}")
+            if not np.all((arr >= 0) & (arr <= 1)):
+                raise ValueError(f"{name} values must lie in [0, 1]")
+            set_(name, _readonly(arr))
+        if self.mask is not None:
+            if np.any(np.diff(self.mask, axis=1) > 0) or np.any(self.mask[:, 0] == 0):
+                raise ValueError("mask must mark right padding: each row is ones (real tokens) then zeros")
+            if self.loss_mask is not None and np.any(self.loss_mask > self.mask):
+                raise ValueError("loss_mask is nonzero at padded positions (where mask is 0)")
+        if self.loss_mask is not None and n and not np.all(self.loss_mask.sum(axis=1) > 0):
+            empty = np.flatnonzero(self.loss_mask.sum(axis=1) == 0)
+            raise ValueError(f"{empty.size} examples have an all-zero loss_mask (no target counts; "
+                             f"first: id {int(self.ids[empty[0]])}): an empty response?")
+        if self.sources is not None:
+            set_("sources", _readonly(np.asarray(self.sources, dtype=np.int32)))
+            if self.sources.shape != (n,):
+                raise ValueError(f"sources has shape {self.sources.shape}; expected ({n},)")
+        if self.tokenizer is not None:
+            derived = _decode(self.tokenizer, self.token_rows())
+            if self.texts is not None and tuple(self.texts) != derived:
+                raise ValueError("texts do not match the tokens decoded by the tokenizer; pass one or the "
+                                 "other (with a tokenizer, texts are derived from the tokens)")
+            set_("texts", derived)
+        elif self.texts is not None:
             set_("texts", tuple(self.texts))
             if len(self.texts) != n:
                 raise ValueError(f"got {len(self.texts)} texts for {n} examples")
-        if self.sources is not None:
-            set_("sources", np.asarray(self.sources, dtype=np.int32))
-            if self.sources.shape != (n,):
-                raise ValueError(f"sources has shape {self.sources.shape}; expected ({n},)")
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
+    @property
+    def is_tokens(self) -> bool:
+        return self.targets.ndim == 2
+
+    def token_rows(self) -> list[list[int]]:
+        """Each LM example's real tokens (first input, then every target), padding removed."""
+        full = np.concatenate([self.inputs[:, :1], self.targets], axis=1)
+        if self.mask is None:
+            return full.tolist()
+        lengths = self.mask.sum(axis=1).astype(int) + 1
+        return [row[:length].tolist() for row, length in zip(full, lengths)]
+
+    def replace(self, **changes: Any) -> Examples:
+        """A copy with fields replaced (texts re-derived from new tokens when a tokenizer is attached)."""
+        if self.tokenizer is not None and "texts" not in changes:
+            changes["texts"] = None
+        return dataclasses.replace(self, **changes)
+
     def __getitem__(self, idx: Any) -> Examples:
         """Numpy indexing (int, slice, int array, bool mask) on every field; always an Examples."""
         pos = np.atleast_1d(np.arange(len(self))[idx])
-        return Examples(
-            inputs=self.inputs[pos],
-            targets=self.targets[pos],
-            ids=self.ids[pos],
-            texts=None if self.texts is None else tuple(self.texts[i] for i in pos),
-            sources=None if self.sources is None else self.sources[pos],
-        )
+        sub = object.__new__(Examples)
+        take = lambda a: None if a is None else _readonly(a[pos], copy=False)
+        for f in ("inputs", "targets", "ids", "mask", "loss_mask", "sources"):
+            object.__setattr__(sub, f, take(getattr(self, f)))
+        object.__setattr__(sub, "texts", None if self.texts is None else tuple(self.texts[i] for i in pos))
+        object.__setattr__(sub, "tokenizer", self.tokenizer)
+        return sub
 
     def content_hash(self) -> str:
-        """sha256 over dtype, shape and bytes of inputs, targets and ids."""
+        """sha256 over dtype, shape and bytes of inputs, targets, ids and the masks."""
         h = hashlib.sha256()
-        for name in ("inputs", "targets", "ids"):
-            arr = np.ascontiguousarray(getattr(self, name))
+        for name in ("inputs", "targets", "ids", "mask", "loss_mask"):
+            arr = getattr(self, name)
+            if arr is None:
+                continue
+            arr = np.ascontiguousarray(arr)
             h.update(f"{name}:{arr.dtype.str}:{arr.shape};".encode())
             h.update(arr.tobytes())
         return h.hexdigest()
 
 
-# --- Tokenizer -------------------------------------------------------------------------------
+def concat(*parts: Examples) -> Examples:
+    """Rows of each part in order (ids must stay unique)."""
+    if not parts:
+        raise ValueError("concat needs at least one Examples")
+    fields: dict[str, Any] = {}
+    for name in ("inputs", "targets", "ids", "mask", "loss_mask", "sources"):
+        arrays = [getattr(p, name) for p in parts]
+        if any(a is None for a in arrays):
+            if name in ("mask", "loss_mask") and not all(a is None for a in arrays):
+                arrays = [np.ones(p.targets.shape, np.float32) if a is None else a for p, a in zip(parts, arrays)]
+            else:
+                fields[name] = None
+                continue
+        fields[name] = np.concatenate(arrays)
+    tokenizer = parts[0].tokenizer if all(p.tokenizer is parts[0].tokenizer for p in parts) else None
+    if tokenizer is None:
+        fields["texts"] = None if any(p.texts is None for p in parts) else sum((p.texts for p in parts), ())
+    return Examples(**fields, tokenizer=tokenizer)
+
+
+# --- Building LM examples from token lists, texts, pairs, files ------------------------------
+
+
+def _check_seq_len(seq_len: Any) -> int:
+    if not isinstance(seq_len, (int, np.integer)) or isinstance(seq_len, bool) or seq_len < 2:
+        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    return int(seq_len)
+
+
+def lm_examples(
+    token_lists: Sequence[Sequence[int]],
+    seq_len: int,
+    *,
+    mode: str = "chunk",
+    pad_id: int = 0,
+    eos_id: int | None = None,
+    loss_from: Sequence[int] | None = None,
+    truncate: bool = False,
+    drop_last: bool = False,
+    ids: Sequence[int] | None = None,
+    tokenizer: Any = None,
+) -> Examples:
+    """LM examples of `seq_len` inputs from token lists.
+
+    mode="chunk": the lists joined (with `eos_id` between them when given) and cut into
+      consecutive windows of `seq_len + 1` tokens; a short last window is right-padded and
+      masked, or dropped with `drop_last`. ids are window indices.
+    mode="pad": one example per list, right-padded with `pad_id` (masked out); a list longer
+      than `seq_len + 1` raises unless `truncate` keeps its first tokens. `loss_from[i]` is the
+      position in list i of the first token whose prediction counts (prompt/response data: the
+      first response token); earlier targets get loss weight 0. ids default to 0..N-1.
+    """
+    seq_len = _check_seq_len(seq_len)
+    if mode not in ("chunk", "pad"):
+        raise ValueError(f"mode must be 'chunk' or 'pad', got {mode!r}")
+    if isinstance(token_lists, (str, bytes)) or not len(token_lists):
+        raise ValueError("token_lists must be a non-empty sequence of token lists")
+    width = seq_len + 1
+    if mode == "chunk":
+        if loss_from is not None:
+            raise ValueError("loss_from needs mode='pad' (one example per prompt/response pair)")
+        pieces = []
+        for i, t in enumerate(token_lists):
+            if i and eos_id is not None:
+                pieces.append(np.asarray([eos_id], np.int64))
+            pieces.append(np.asarray(t, np.int64))
+        stream = np.concatenate(pieces)
+        n_full, rest = divmod(len(stream), width)
+        rows = [stream[i * width:(i + 1) * width] for i in range(n_full)]
+        if rest >= 2 and not drop_last:
+            rows.append(stream[n_full * width:])
+        if not rows:
+            raise ValueError(f"the texts hold {len(stream)} tokens: too few for one example of seq_len + 1 = "
+                             f"{width} (use mode='pad' for short texts)")
+        starts = None
+    else:
+        rows, starts = [], []
+        for i, t in enumerate(token_lists):
+            t = np.asarray(t, np.int64)
+            if len(t) < 2:
+                raise ValueError(f"example {i} has {len(t)} tokens: need at least 2 (one input, one target)")
+            if len(t) > width:
+                if not truncate:
+                    raise ValueError(f"example {i} has {len(t)} tokens, more than seq_len + 1 = {width}; "
+                                     "raise seq_len or pass truncate=True")
+                t = t[:width]
+            rows.append(t)
+            starts.append(0 if loss_from is None else int(loss_from[i]))
+    n = len(rows)
+    full = np.full((n, width), pad_id, np.int64)
+    real = np.zeros((n, width), bool)
+    for i, r in enumerate(rows):
+        full[i, :len(r)] = r
+        real[i, :len(r)] = True
+    lo, hi = int(full.min()), int(full.max())
+    if lo < 0 or hi >= 2**31:
+        raise ValueError(f"token ids must be non-negative int32, got range [{lo}, {hi}]")
+    mask = real[:, 1:].astype(np.float32)  # input t is real iff target t is real (right padding)
+    loss = mask.copy()
+    if starts is not None:
+        for i, s in enumerate(starts):
+            s = max(s, 1)  # the first token is never predicted
+            if s >= len(rows[i]):
+                raise ValueError(f"example {i}: its response starts at token {s} of {len(rows[i])}; the "
+                                 "response is empty or was truncated away")
+            loss[i, : s - 1] = 0.0
+    padded = not real.all()
+    return Examples(
+        inputs=full[:, :-1].astype(np.int32), targets=full[:, 1:].astype(np.int32),
+        ids=np.arange(n) if ids is None else np.asarray(ids),
+        mask=mask if padded else None, loss_mask=loss if (padded or starts is not None and any(starts)) else None,
+        tokenizer=tokenizer,
+    )
+
+
+def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer
+        return [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def _eos_id(tokenizer: Any) -> int | None:
+    return getattr(tokenizer, "eos_token_id", None)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad if pad is not None else (_eos_id(tokenizer) or 0))
+
+
+def examples_from_texts(
+    texts: Sequence[str], tokenizer: Any, seq_len: int, *, mode: str = "chunk", truncate: bool = False,
+    drop_last: bool = False, add_eos: bool = True,
+) -> Examples:
+    """LM examples from any texts: chunked windows of a corpus, or one padded example per text.
+
+    See `lm_examples` for the modes; texts are separated by (chunk) or end with (pad) the
+    tokenizer's eos token when it has one and `add_eos`. Texts are derived from the tokens.
+    """
+    if isinstance(texts, str) or not len(texts):
+        raise ValueError("texts must be a non-empty sequence of strings")
+    token_lists = _encode(tokenizer, texts)
+    eos = _eos_id(tokenizer) if add_eos else None
+    if mode == "pad" and eos is not None:
+        token_lists = [list(t) + [eos] for t in token_lists]
+    return lm_examples(token_lists, seq_len, mode=mode, pad_id=_pad_id(tokenizer),
+                       eos_id=eos if mode == "chunk" else None, truncate=truncate, drop_last=drop_last,
+                       tokenizer=tokenizer)
+
+
+def examples_from_pairs(
+    prompts: Sequence[str], responses: Sequence[str], tokenizer: Any, seq_len: int, *,
+    chat_template: bool = True, truncate: bool = False,
+) -> Examples:
+    """One example per (prompt, response); only the response tokens count in the loss.
+
+    With `chat_template` (and a tokenizer that has one) the prompt is wrapped as a user turn
+    with the assistant prefix (`apply_chat_template(..., add_generation_prompt=True)`) and the
+    response ends with the eos token. Prompt and response are tokenised separately, so the
+    boundary is exact.
+    """
+    if len(prompts) != len(responses) or not len(prompts):
+        raise ValueError(f"need as many prompts as responses (> 0), got {len(prompts)} and {len(responses)}")
+    for i, r in enumerate(responses):
+        if not isinstance(r, str) or not r.strip():
+            raise ValueError(f"response {i} is empty: nothing to attribute")
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    eos = _eos_id(tokenizer)
+    p_tok, r_tok = _encode(tokenizer, prompts), _encode(tokenizer, responses)
+    if eos is not None:
+        r_tok = [list(r) + [eos] for r in r_tok]
+    return lm_examples([list(p) + list(r) for p, r in zip(p_tok, r_tok)], seq_len, mode="pad",
+                       pad_id=_pad_id(tokenizer), loss_from=[len(p) for p in p_tok], truncate=truncate,
+                       tokenizer=tokenizer)
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a jsonl file (read with `datasets`, offline) or of a text file (one per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.suffix in (".txt", ".text"):
+        return [{"text": line} for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix not in (".jsonl", ".json"):
+        raise ValueError(f"{path}: expected a .jsonl (or .json) file or a .txt file, one example per line")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    except Exception as e:  # datasets wraps JSON errors in several types
+        raise ValueError(f"cannot read {path} as json lines: {type(e).__name__}: {e}") from e
+    return [dict(r) for r in ds]
+
+
+def load_jsonl(path: str | Path, tokenizer: Any, seq_len: int, *, mode: str | None = None,
+               truncate: bool = False, chat_template: bool = True) -> Examples:
+    """Examples from a jsonl file with a `text` field, or `prompt` + `response` fields (or a .txt file).
+
+    `text` records become one padded example each (or chunked windows with mode="chunk");
+    prompt/response records become `examples_from_pairs`. ids are the record (or window) index.
+    """
+    records = read_records(path)
+    if not records:
+        raise ValueError(f"{path} holds no records")
+    if all("prompt" in r and "response" in r for r in records):
+        return examples_from_pairs([str(r["prompt"]) for r in records], [str(r["response"]) for r in records],
+                                   tokenizer, seq_len, chat_template=chat_template, truncate=truncate)
+    bad = next((i for i, r in enumerate(records) if not isinstance(r.get("text"), str)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: record {bad} has neither a 'text' field nor 'prompt' and 'response' "
+                         f"(keys: {sorted(records[bad])})")
+    return examples_from_texts([r["text"] for r in records], tokenizer, seq_len, mode=mode or "pad",
+                               truncate=truncate)
+
+
+# --- The shipped tokenizer -------------------------------------------------------------------
 
 
 def load_tokenizer() -> PreTrainedTokenizerFast:
@@ -129,7 +423,8 @@ def check_vocab(tokenizer: Any, vocab_size: int) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _raw_tokenizer() -> Tokenizer:
+def corpus_tokenizer() -> Tokenizer:
+    """The shipped tokenizer as a `tokenizers.Tokenizer` (what `load_examples` decodes with)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(TOKENIZER_FILE))
@@ -138,7 +433,7 @@ def _raw_tokenizer() -> Tokenizer:
     return tok
 
 
-# --- Text ------------------------------------------------------------------------------------
+# --- The shipped corpus ----------------------------------------------------------------------
 
 
 def available_sources() -> tuple[str, ...]:
@@ -165,14 +460,9 @@ def _check_source(source: str) -> None:
 
 @functools.cache
 def _passages(source: str) -> tuple[tuple[str, ...], ...]:
-    """The source's passages (lists of paragraphs), read offline through `datasets`."""
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    import datasets
-
-    path = ASSETS_DIR / f"{source}.txt.gz"
-    # Cached under the user's datasets cache (HF_DATASETS_CACHE), never in the package.
-    lines = list(datasets.load_dataset("text", data_files=str(path), split="train")["text"])
+    """The source's passages (tuples of paragraphs)."""
+    with gzip.open(ASSETS_DIR / f"{source}.txt.gz", "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
     passages, cur = [], []
     for line in [*lines, ""]:
         if line:
@@ -199,7 +489,7 @@ def load_paragraphs(source: str, split: str) -> tuple[str, ...]:
 def _token_stream(source: str, split: str) -> np.ndarray:
     """int32 tokens of a split: the paragraphs' tokens with EOS_ID between them (read-only)."""
     paragraphs = load_paragraphs(source, split)
-    encodings = _raw_tokenizer().encode_batch_fast(list(paragraphs), add_special_tokens=False)
+    encodings = corpus_tokenizer().encode_batch_fast(list(paragraphs), add_special_tokens=False)
     pieces: list[np.ndarray] = []
     eos = np.array([EOS_ID], dtype=np.int32)
     for i, enc in enumerate(encodings):
@@ -223,9 +513,6 @@ def _chunks(source: str, split: str, seq_len: int) -> np.ndarray:
     return stream[: n * (seq_len + 1)].reshape(n, seq_len + 1)
 
 
-# --- Examples --------------------------------------------------------------------------------
-
-
 def load_examples(
     split: str = "train",
     seq_len: int = 64,
@@ -233,7 +520,7 @@ def load_examples(
     max_per_source: int | None = None,
     seed: int = 0,
 ) -> Examples:
-    """LM examples of `split`, sources concatenated in `SOURCES` order.
+    """LM examples of the shipped corpus's `split`, sources concatenated in `SOURCES` order.
 
     With `max_per_source`, each source contributes a random subset (fixed by `seed`, the split
     and the source; nested as `max_per_source` grows) of that many chunks, or all of them if it
@@ -248,11 +535,9 @@ def load_examples(
         raise ValueError(f"duplicate sources in {tuple(sources)}")
     for source in sources:
         _check_source(source)
-    if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
-        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    seq_len = _check_seq_len(seq_len)
     if max_per_source is not None and max_per_source < 1:
         raise ValueError(f"max_per_source must be >= 1 or None, got {max_per_source}")
-    seq_len = int(seq_len)
 
     chunk_list, id_list, src_list = [], [], []
     for source in sorted(sources, key=SOURCES.index):
@@ -266,51 +551,12 @@ def load_examples(
         id_list.append(s * ID_STRIDE + idx)
         src_list.append(np.full(len(idx), s, dtype=np.int32))
     chunks_NxT1 = np.concatenate(chunk_list)
-    texts = _raw_tokenizer().decode_batch(chunks_NxT1.tolist(), skip_special_tokens=False)
     return Examples(
         inputs=np.ascontiguousarray(chunks_NxT1[:, :-1]),
         targets=np.ascontiguousarray(chunks_NxT1[:, 1:]),
         ids=np.concatenate(id_list).astype(np.int64),
-        texts=tuple(texts),
         sources=np.concatenate(src_list),
-    )
-
-
-def examples_from_texts(
-    texts: Sequence[str],
-    tokenizer: PreTrainedTokenizerFast,
-    seq_len: int,
-    *,
-    truncate: bool = False,
-) -> Examples:
-    """One LM example per text, each exactly `seq_len + 1` tokens (no padding).
-
-    A text shorter than that raises ValueError; a longer one raises too unless `truncate`, which
-    keeps its first `seq_len + 1` tokens. ids are positions 0..len(texts)-1; `texts` holds the
-    decoded chunks; `sources` is None.
-    """
-    if isinstance(texts, str):
-        raise ValueError("texts must be a sequence of strings, not one string")
-    if not texts:
-        raise ValueError("texts is empty")
-    if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
-        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
-    need = int(seq_len) + 1
-    token_lists = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    rows = []
-    for i, ids in enumerate(token_lists):
-        if len(ids) < need or (len(ids) > need and not truncate):
-            hint = "" if len(ids) < need else " (pass truncate=True to keep the first ones)"
-            raise ValueError(
-                f"text {i} has {len(ids)} tokens; need exactly seq_len + 1 = {need}{hint}"
-            )
-        rows.append(ids[:need])
-    chunks = np.asarray(rows, dtype=np.int32)
-    return Examples(
-        inputs=chunks[:, :-1],
-        targets=chunks[:, 1:],
-        ids=np.arange(len(rows), dtype=np.int64),
-        texts=tuple(tokenizer.batch_decode(rows, skip_special_tokens=False)),
+        tokenizer=corpus_tokenizer(),
     )
 
 
@@ -320,3 +566,10 @@ def count_by_source(examples: Examples) -> dict[str, int]:
         return {}
     counts = np.bincount(examples.sources, minlength=len(SOURCES))
     return {name: int(c) for name, c in zip(SOURCES, counts, strict=True) if c}
+
+
+def write_jsonl(path: str | Path, records: Sequence[dict[str, Any]]) -> Path:
+    """Write records as json lines (a helper for fixtures and exports)."""
+    from stride_jax import store
+
+    return store.atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

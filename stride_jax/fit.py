@@ -8,13 +8,21 @@ Objective (STRIDE, arXiv 2606.05165, section 3; weights and batch sizes are ours
 
 where, for a batch b of K_b subsets, y_b(p) = [loss_base(p) - loss_k(p)]_{k in b} on probe
 example p, and H_b is the ridge hat matrix of the sketched design rows [M R | 1]_b with R an
-N x q Gaussian Johnson-Lindenstrauss sketch (q = sketch_dim) and ridge gamma. Only the
+N x q Gaussian Johnson-Lindenstrauss sketch (q = sketch_dim) and ridge gamma. Fidelity
+examples are drawn from the subset's members, stability examples from outside it. Only the
 operators are differentiated; the frozen model is an argument of the step, never a closure.
+
+Memory: the pool's hook-layer states h_l [N, T, D] and final states h_L [N, T, D] are cached
+(`FitConfig.cache_dtype` bfloat16 halves them); base logits are formed from h_L at the sampled
+positions only (`rest(h, layer=n_layers)` is per position), so [N, T, V] never exists.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,19 +34,27 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from stride_jax import steering
-from stride_jax.config import FitConfig, SteeringConfig, StrideConfig, to_dict
+from stride_jax import models, steering, store
+from stride_jax.config import FitShape, SteeringConfig, StrideConfig, to_dict
 from stride_jax.design import Design, design_matvec
 from stride_jax.models import example_loss
 from stride_jax.steering import OperatorBank
 
+log = logging.getLogger("stride_jax")
+
+FORMAT_VERSION = 2
+# A fit whose loss exceeds this multiple of its starting loss (the frozen model's own) diverged.
+DIVERGENCE_FACTOR = 10.0
+
 
 class FitData(NamedTuple):
-    """Device arrays one fit step reads. `h`/`base_logits` are cached features of the pool."""
+    """Device arrays one fit step reads: cached states of the pool, targets, masks, design."""
 
-    h: jax.Array  # [N, ..., D] layer-l activations of every training example
-    base_logits: jax.Array  # [N, ..., V] frozen model outputs
+    h: jax.Array  # [N, ..., D] hook-layer states of every training example
+    h_out: jax.Array  # [N, ..., D_L] final states (base logits = rest(h_out, layer=n_layers))
     targets: jax.Array  # [N, ...]
+    weights: jax.Array | None  # [N, T] loss weights (None: every position)
+    mask: jax.Array | None  # [N, T] padding mask (None: no padding)
     ids_NxS: jax.Array  # design: subset ids of each example
     indptr_K1: jax.Array  # design inverse (CSR): members of subset k are
     members: jax.Array  # members[indptr[k]:indptr[k+1]]
@@ -52,153 +68,166 @@ class FitState(NamedTuple):
     step: jax.Array
 
 
-def feature_fn(graphdef: nnx.GraphDef, state: nnx.State, inputs: jax.Array, *, cfg: SteeringConfig):
-    """(h_l, base logits) of the frozen model for a batch of inputs."""
-    model = nnx.merge(graphdef, state)
-    h = model.trunk(inputs, layer=cfg.layer)
-    return h, model.rest(h, layer=cfg.layer)
+def compute_features(model: nnx.Module, examples, layer: int, *, batch_size: int = 64,
+                     dtype=jnp.float32, progress: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Hook-layer states h_l and final states h_L of every example, batched ([N, ..., D] each).
 
-
-def compute_features(
-    model: nnx.Module, inputs: np.ndarray, cfg: SteeringConfig, batch_size: int = 64
-) -> tuple[jax.Array, jax.Array]:
-    """Layer-l activations and base logits for every row of `inputs`, batched."""
+    The last batch is padded to the batch size, so one program serves every batch.
+    """
     graphdef, state = nnx.split(model)
-    fn = jax.jit(feature_fn, static_argnames=("graphdef", "cfg"))
-    hs, os_ = [], []
-    for start in range(0, len(inputs), batch_size):
-        h, o = fn(graphdef, state, jnp.asarray(inputs[start : start + batch_size]), cfg=cfg)
-        hs.append(h)
-        os_.append(o)
-    return jnp.concatenate(hs), jnp.concatenate(os_)
+    n = len(examples.inputs)
+    batch = min(batch_size, n)
+    fn = jax.jit(_trunk_pair, static_argnames=("graphdef", "layer", "n_layers", "dtype"))
+    hs, outs = [], []
+    for start in tqdm(range(0, n, batch), desc="cache states", disable=not progress, leave=False):
+        idx = np.minimum(np.arange(start, start + batch), n - 1)
+        mask = None if examples.mask is None else jnp.asarray(examples.mask[idx])
+        h, h_out = fn(graphdef, state, jnp.asarray(examples.inputs[idx]), mask, layer=layer,
+                      n_layers=model.n_layers, dtype=dtype)
+        keep = min(batch, n - start)
+        hs.append(h[:keep])
+        outs.append(h_out[:keep])
+    return jnp.concatenate(hs), jnp.concatenate(outs)
 
 
-def _kl_base_steered(base_logits: jax.Array, steered_logits: jax.Array) -> jax.Array:
-    """KL(base || steered) per example, averaged over non-batch, non-class axes."""
+def _trunk_pair(graphdef, state, inputs, mask, *, layer: int, n_layers: int, dtype):
+    """(trunk at `layer`, trunk at the top). The protocol has no "blocks l..L" call, so the top
+    state reruns the first `layer` blocks: a one-time cost of the cache, (layer + L) / L forwards."""
+    model = nnx.merge(graphdef, state)
+    h = model.trunk(inputs, layer=layer, mask=mask)
+    h_out = h if layer == n_layers else model.trunk(inputs, layer=n_layers, mask=mask)
+    return h.astype(dtype), h_out.astype(dtype)
+
+
+def _kl_base_steered(base_logits: jax.Array, steered_logits: jax.Array, w: jax.Array | None) -> jax.Array:
+    """KL(base || steered) per example: the (weighted) mean over non-batch, non-class axes."""
     lp_b = jax.nn.log_softmax(base_logits.astype(jnp.float32), axis=-1)
     lp_s = jax.nn.log_softmax(steered_logits.astype(jnp.float32), axis=-1)
     kl = jnp.sum(jnp.exp(lp_b) * (lp_b - lp_s), axis=-1)
-    return kl.reshape(kl.shape[0], -1).mean(axis=1)
+    kl = kl.reshape(kl.shape[0], -1)
+    if w is None:
+        return kl.mean(axis=1)
+    w = w.reshape(w.shape[0], -1)
+    return (kl * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1e-9)
 
 
-def ridge_residual(sketch_BxQ: jax.Array, y_BxP: jax.Array, gamma: float) -> jax.Array:
+def ridge_residual(sketch_BxQ: jax.Array, y_BxP: jax.Array, gamma: jax.Array) -> jax.Array:
     """Mean squared residual of the ridge fit of each column of y on the sketch rows."""
     gram = sketch_BxQ.T @ sketch_BxQ + gamma * jnp.eye(sketch_BxQ.shape[1])
     coef = jnp.linalg.solve(gram, sketch_BxQ.T @ y_BxP)
     return jnp.mean(jnp.square(y_BxP - sketch_BxQ @ coef))
 
 
-def _sample(key: jax.Array, data: FitData, n_subsets: int, cfg: FitConfig):
-    """Subsets of this step, and fidelity / stability / probe example indices."""
+def sample_batch(key: jax.Array, data: FitData, n_subsets: int, shape: FitShape):
+    """Subsets of this step, and fidelity / stability / probe example indices.
+
+    Fidelity examples are uniform draws from the subset's members A_k. Stability examples are
+    uniform draws from the pool with members of A_k given weight 0 (R_k lies outside A_k).
+    """
     k_sub, k_fid, k_stab, k_probe = jax.random.split(key, 4)
     n = data.targets.shape[0]
-    ks = jax.random.choice(k_sub, n_subsets, (cfg.subsets_per_step,), replace=False)
+    ks = jax.random.choice(k_sub, n_subsets, (shape.subsets_per_step,), replace=False)
     start, size = data.indptr_K1[ks], data.indptr_K1[ks + 1] - data.indptr_K1[ks]
-    u = jax.random.uniform(k_fid, (cfg.subsets_per_step, cfg.fidelity_batch))
+    u = jax.random.uniform(k_fid, (shape.subsets_per_step, shape.fidelity_batch))
     fid_idx = data.members[start[:, None] + jnp.floor(u * size[:, None]).astype(jnp.int32)]
-    stab_idx = jax.random.randint(k_stab, (cfg.subsets_per_step, cfg.stability_batch), 0, n)
-    # R_k is drawn from outside A_k: members that fall in get weight 0.
+    stab_idx = jax.random.randint(k_stab, (shape.subsets_per_step, shape.stability_batch), 0, n)
     stab_w = 1.0 - jnp.any(data.ids_NxS[stab_idx] == ks[:, None, None], axis=-1)
-    probe_idx = jax.random.randint(k_probe, (cfg.probe_batch,), 0, n)
+    probe_idx = jax.random.randint(k_probe, (shape.probe_batch,), 0, n)
     return ks, fid_idx, stab_idx, stab_w, probe_idx
 
 
-def _gather(data: FitData, idx: jax.Array, key: jax.Array, fit_cfg: FitConfig, steer_cfg: SteeringConfig):
-    """(h, base logits, targets) of examples idx [Kb, B]; for an LM under the logits placement,
-    only `positions_per_example` random positions of each sequence.
+def _gather(model, data: FitData, idx: jax.Array, key: jax.Array, shape: FitShape, steer_cfg: SteeringConfig):
+    """(h, base logits, targets, loss weights, mask) of examples idx [Kb, B].
 
-    The logits placement acts on each position independently, so losses on a uniform sample of
-    positions are unbiased estimates of the per-sequence means at a fraction of the cost (and
-    only the sampled rows of the cached logits are read). Classifier features (no sequence axis)
-    and the residual placement (attention mixes positions) are kept whole.
+    For a sequence model under the logits placement only `positions_per_example` positions of
+    each sequence are kept, drawn with probability proportional to their loss weight: losses
+    on them are unbiased estimates of the weighted per-sequence means at a fraction of the
+    cost. Classifiers (no sequence axis) and the residual placement (attention mixes
+    positions) keep whole examples.
     """
-    p = fit_cfg.positions_per_example
+    p = shape.positions_per_example
     seq = data.targets.shape[1] if data.targets.ndim == 2 else None
+    base = lambda h_out: model.rest(h_out.astype(jnp.float32), layer=model.n_layers)
+    take = lambda a: None if a is None else a[idx]
     if p is None or steer_cfg.placement != "logits" or seq is None or p >= seq:
-        return data.h[idx], data.base_logits[idx], data.targets[idx]
-    pos = jax.random.randint(key, (*idx.shape, p), 0, seq)
+        h_out = data.h_out[idx]
+        logits = base(h_out.reshape(-1, *h_out.shape[2:]))
+        logits = logits.reshape(*idx.shape, *logits.shape[1:])
+        return data.h[idx].astype(jnp.float32), logits, data.targets[idx], take(data.weights), take(data.mask)
+    if data.weights is None:
+        pos = jax.random.randint(key, (*idx.shape, p), 0, seq)
+    else:
+        logw = jnp.log(data.weights[idx])  # -inf at weight 0: never drawn
+        pos = jax.random.categorical(key, logw[..., None, :], axis=-1, shape=(*idx.shape, p))
     rows = idx[..., None]
-    return data.h[rows, pos], data.base_logits[rows, pos], data.targets[rows, pos]
+    h_out = data.h_out[rows, pos]  # [Kb, B, P, D]
+    logits = base(h_out.reshape(-1, p, h_out.shape[-1])).reshape(*idx.shape, p, -1)
+    return data.h[rows, pos].astype(jnp.float32), logits, data.targets[rows, pos], None, None
 
 
-def fit_loss(
-    trainable: tuple[Any, Any],
-    model_state: nnx.State,
-    data: FitData,
-    key: jax.Array,
-    *,
-    model_graphdef: nnx.GraphDef,
-    op_graphdef: nnx.GraphDef,
-    steer_cfg: SteeringConfig,
-    fit_cfg: FitConfig,
-    log_space: bool,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+def fit_loss(trainable, model_state, data: FitData, key, hyper, *, model_graphdef, op_graphdef,
+             steer_cfg: SteeringConfig, shape: FitShape, log_space: bool, loss_floor: float):
     """The fit objective on one sampled batch of subsets; differentiable in `trainable` only."""
     basis, coef = trainable
     model = nnx.merge(model_graphdef, model_state)
     n_subsets = jax.tree_util.tree_leaves(coef)[0].shape[0]
-    ks, fid_idx, stab_idx, stab_w, probe_idx = _sample(key, data, n_subsets, fit_cfg)
+    ks, fid_idx, stab_idx, stab_w, probe_idx = sample_batch(key, data, n_subsets, shape)
     coef_b = jax.tree.map(lambda x: x[ks], coef)
 
-    def steer(coef_k, h, o):
-        return steering.apply_operator(op_graphdef, basis, coef_k, model, h, o, steer_cfg)
+    def steer(coef_k, h, o, mask):
+        return steering.apply_operator(op_graphdef, basis, coef_k, model, h, o, steer_cfg, mask)
 
     per_subset = jax.vmap(steer)  # each subset its own examples
-    shared = jax.vmap(steer, in_axes=(0, None, None))  # all subsets on the same examples
     pos_key = jax.random.fold_in(key, 1)
 
-    h_f, o_f, t_f = _gather(data, fid_idx, jax.random.fold_in(pos_key, 0), fit_cfg, steer_cfg)
-    logits_f = per_subset(coef_b, h_f, o_f)
-    fidelity = jnp.mean(jax.vmap(example_loss)(logits_f, t_f))
+    h_f, o_f, t_f, w_f, m_f = _gather(model, data, fid_idx, jax.random.fold_in(pos_key, 0), shape, steer_cfg)
+    logits_f = per_subset(coef_b, h_f, o_f, m_f)
+    fidelity = jnp.mean(jax.vmap(example_loss)(logits_f, t_f, w_f))
 
-    h_s, base_s, _ = _gather(data, stab_idx, jax.random.fold_in(pos_key, 1), fit_cfg, steer_cfg)
-    logits_s = per_subset(coef_b, h_s, base_s)
-    kl = jax.vmap(_kl_base_steered)(base_s, logits_s)
+    h_s, base_s, _, w_s, m_s = _gather(model, data, stab_idx, jax.random.fold_in(pos_key, 1), shape, steer_cfg)
+    logits_s = per_subset(coef_b, h_s, base_s, m_s)
+    kl = jax.vmap(_kl_base_steered)(base_s, logits_s, w_s)
     stability = jnp.sum(kl * stab_w) / jnp.maximum(jnp.sum(stab_w), 1.0)
 
-    loss = fidelity + fit_cfg.stability_weight * stability
+    loss = fidelity + hyper["stability_weight"] * stability
     metrics = {"fidelity": fidelity, "stability": stability}
-    if fit_cfg.linearity_weight > 0:
-        base_p = data.base_logits[probe_idx]
-        loss_base = example_loss(base_p, data.targets[probe_idx])
-        loss_k = jax.vmap(lambda lg: example_loss(lg, data.targets[probe_idx]))(
-            shared(coef_b, data.h[probe_idx], base_p)
-        )
-        y = jnp.log(loss_base) - jnp.log(loss_k) if log_space else loss_base - loss_k
-        linearity = ridge_residual(data.sketch_KxQ1[ks], y, fit_cfg.ridge_gamma)
-        loss = loss + fit_cfg.linearity_weight * linearity
+    if shape.linearity:
+        h_p, base_p, t_p, w_p, m_p = _gather(model, data, probe_idx[None], jax.random.fold_in(pos_key, 2),
+                                             shape._replace(positions_per_example=None), steer_cfg)
+        loss_base = example_loss(base_p[0], t_p[0], None if w_p is None else w_p[0])
+        shared = jax.vmap(steer, in_axes=(0, None, None, None))
+        steered_p = shared(coef_b, h_p[0], base_p[0], None if m_p is None else m_p[0])
+        loss_k = jax.vmap(lambda lg: example_loss(lg, t_p[0], None if w_p is None else w_p[0]))(steered_p)
+        if log_space:
+            y = jnp.log(jnp.maximum(loss_base, loss_floor)) - jnp.log(jnp.maximum(loss_k, loss_floor))
+        else:
+            y = loss_base - loss_k
+        linearity = ridge_residual(data.sketch_KxQ1[ks], y, hyper["ridge_gamma"])
+        loss = loss + hyper["linearity_weight"] * linearity
         metrics["linearity"] = linearity
     metrics["loss"] = loss
     return loss, metrics
 
 
-def fit_step(
-    state: FitState,
-    model_state: nnx.State,
-    data: FitData,
-    base_key: jax.Array,
-    *,
-    model_graphdef: nnx.GraphDef,
-    op_graphdef: nnx.GraphDef,
-    steer_cfg: SteeringConfig,
-    fit_cfg: FitConfig,
-    log_space: bool,
-) -> tuple[FitState, dict[str, jax.Array]]:
-    """One optimiser step on basis and operator matrices. Pure; the key is derived from the step."""
+def fit_step(state: FitState, model_state, data: FitData, base_key, hyper, *, model_graphdef, op_graphdef,
+             steer_cfg: SteeringConfig, shape: FitShape, log_space: bool, loss_floor: float):
+    """One Adam step on basis and operator matrices. Pure; the key is derived from the step.
+
+    `hyper` holds traced scalars (learning rate, loss weights): changing them reuses the
+    compiled step.
+    """
     key = jax.random.fold_in(base_key, state.step)
-    grad_fn = jax.grad(fit_loss, argnums=0, has_aux=True)
-    grads, metrics = grad_fn(
-        (state.basis, state.coef), model_state, data, key,
-        model_graphdef=model_graphdef, op_graphdef=op_graphdef,
-        steer_cfg=steer_cfg, fit_cfg=fit_cfg, log_space=log_space,
-    )
-    updates, opt_state = _optimizer(fit_cfg).update(grads, state.opt_state, (state.basis, state.coef))
+    grads, metrics = jax.grad(fit_loss, has_aux=True)(
+        (state.basis, state.coef), model_state, data, key, hyper, model_graphdef=model_graphdef,
+        op_graphdef=op_graphdef, steer_cfg=steer_cfg, shape=shape, log_space=log_space, loss_floor=loss_floor)
+    updates, opt_state = optax.scale_by_adam().update(grads, state.opt_state)
+    updates = jax.tree.map(lambda u: -hyper["learning_rate"] * u, updates)
     basis, coef = optax.apply_updates((state.basis, state.coef), updates)
     return FitState(basis, coef, opt_state, state.step + 1), metrics
 
 
-def _optimizer(cfg: FitConfig) -> optax.GradientTransformation:
-    return optax.adam(cfg.learning_rate)
+_STATIC = ("model_graphdef", "op_graphdef", "steer_cfg", "shape", "log_space", "loss_floor")
+_fit_step = jax.jit(fit_step, static_argnames=_STATIC, donate_argnums=(0,))
 
 
 def jl_sketch(design: Design, sketch_dim: int, seed: int) -> jax.Array:
@@ -208,185 +237,183 @@ def jl_sketch(design: Design, sketch_dim: int, seed: int) -> jax.Array:
     return jnp.concatenate([mr, jnp.ones((design.n_subsets, 1))], axis=1)
 
 
-class Fitter:
-    """Stateful shell around `fit_step`: data on device, progress, metrics, orbax checkpoints.
+def fit_identity(model: nnx.Module, examples, design: Design, cfg: StrideConfig) -> dict[str, Any]:
+    """What a fit depends on: the model's parameters, the pool's tokens and ids, the settings."""
+    return {"kind": "stride-fit", "format_version": FORMAT_VERSION, "model": models.param_digest(model),
+            "data": examples.content_hash(), "design": design.fingerprint(),
+            "config": {k: to_dict(getattr(cfg, k)) for k in ("design", "steering", "fit")},
+            "measure": {"space": cfg.measure.space, "loss_floor": cfg.measure.loss_floor}}
 
-    With a `workdir`, every `checkpoint_every` steps the operators and optimiser state are saved;
-    a new Fitter on the same workdir resumes from the last checkpoint and, since each step's
-    randomness is derived from the step number, ends exactly where an uninterrupted fit would.
+
+class Fitter:
+    """Stateful shell around `fit_step`: cached states on device, progress, metrics, checkpoints.
+
+    With a `workdir`, the operators and optimiser state are saved every `checkpoint_every`
+    steps (atomically, with a digest checked on restore); a new Fitter on the same workdir,
+    model and data resumes from the last checkpoint and, since each step's randomness is
+    derived from the step number, ends exactly where an uninterrupted fit would. The workdir
+    records the fingerprints of the model, the data and the settings; a mismatch raises
+    `store.IdentityError` naming the fields. The step count lives in Python and metrics are
+    read one step late, so the loop never waits on the device.
     """
 
-    def __init__(
-        self,
-        model: nnx.Module,
-        inputs: np.ndarray,
-        targets: np.ndarray,
-        design: Design,
-        cfg: StrideConfig,
-        *,
-        workdir: str | Path | None = None,
-        fingerprint: dict[str, Any] | None = None,
-    ):
-        if len(inputs) != design.n_examples or len(targets) != design.n_examples:
-            raise ValueError(
-                f"design covers {design.n_examples} examples but {len(inputs)} inputs / "
-                f"{len(targets)} targets were given"
-            )
-        self.cfg = cfg
+    def __init__(self, model: nnx.Module, examples, design: Design, cfg: StrideConfig, *,
+                 workdir: str | Path | None = None, progress: bool = False):
+        if len(examples) != design.n_examples:
+            raise ValueError(f"design covers {design.n_examples} examples but the pool has {len(examples)}")
+        models.check_examples(model.cfg, examples)
+        steer_cfg = cfg.steering.resolve(model.n_layers)
+        self.cfg = cfg.replace(steering={"layer": steer_cfg.layer})
         self.design = design
+        self.workdir = Path(workdir) if workdir is not None else None
+        if self.workdir is not None:  # check identity before any work, so a rejected rerun costs nothing
+            store.open_dir(self.workdir, fit_identity(model, examples, design, self.cfg), "operator fit")
         self.model_graphdef, self.model_state = nnx.split(model)
-        steering.steered_dim(model, cfg.steering)  # validates the layer early
-        h, base_logits = compute_features(model, inputs, cfg.steering)
+        dtype = jnp.bfloat16 if cfg.fit.cache_dtype == "bfloat16" else jnp.float32
+        h, h_out = compute_features(model, examples, steer_cfg.layer, dtype=dtype, progress=progress)
+        weights = examples.loss_mask if examples.loss_mask is not None else examples.mask
         indptr, members = design.inverse()
         self.data = FitData(
-            h=h,
-            base_logits=base_logits,
-            targets=jnp.asarray(targets),
+            h=h, h_out=h_out, targets=jnp.asarray(examples.targets),
+            weights=None if weights is None else jnp.asarray(weights),
+            mask=None if examples.mask is None else jnp.asarray(examples.mask),
             ids_NxS=jnp.asarray(design.ids_NxS),
             indptr_K1=jnp.asarray(indptr, dtype=jnp.int32),
             members=jnp.asarray(members, dtype=jnp.int32),
             sketch_KxQ1=jl_sketch(design, cfg.fit.sketch_dim, cfg.fit.seed + 1),
         )
-        bank = steering.init_bank(model, design.n_subsets, cfg.steering, seed=cfg.fit.seed)
+        bank = steering.init_bank(model, design.n_subsets, steer_cfg, seed=cfg.fit.seed)
         self.op_graphdef = bank.graphdef
-        params = (bank.basis, bank.coef)
-        self.state = FitState(bank.basis, bank.coef, _optimizer(cfg.fit).init(params), jnp.asarray(0))
+        self.state = FitState(bank.basis, bank.coef, optax.scale_by_adam().init((bank.basis, bank.coef)),
+                              jnp.asarray(0))
+        self._step = 0
         self.base_key = jax.random.PRNGKey(cfg.fit.seed)
-        self._step = jax.jit(
-            fit_step,
-            static_argnames=("model_graphdef", "op_graphdef", "steer_cfg", "fit_cfg", "log_space"),
-            donate_argnums=(0,),
-        )
-        self.workdir = Path(workdir) if workdir is not None else None
-        self._manager = None
+        self.initial_loss: float | None = None
         if self.workdir is not None:
-            self._open_workdir(fingerprint or {})
+            self._restore()
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def _open_workdir(self, fingerprint: dict[str, Any]) -> None:
-        import orbax.checkpoint as ocp
+    @property
+    def _ckpt_dir(self) -> Path:
+        return self.workdir / "checkpoints"
 
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        meta = {  # only what the fitted operators depend on
-            "config": {k: to_dict(getattr(self.cfg, k)) for k in ("design", "steering", "fit")},
-            "measure_space": self.cfg.measure.space,
-            "design": self.design.fingerprint(),
-            **fingerprint,
-        }
-        meta_path = self.workdir / "metadata.json"
-        if meta_path.exists():
-            try:
-                old = json.loads(meta_path.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{meta_path} is corrupted ({e}); delete {self.workdir} to start over") from e
-            diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-            if diff:
-                raise ValueError(
-                    f"fit directory {self.workdir} was made by a different run (differs in {diff}); "
-                    "use another directory or delete it"
-                )
-        else:
-            meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True))
-        (self.workdir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
-        options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-        self._manager = ocp.CheckpointManager((self.workdir / "checkpoints").resolve(), options=options)
-        latest = self._manager.latest_step()
-        if latest is not None:
-            target = jax.tree.map(ocp.utils.to_shape_dtype_struct, self._pure(self.state))
-            try:
-                restored = self._manager.restore(latest, args=ocp.args.StandardRestore(target))
-            except Exception as e:  # orbax raises many types; name the file instead
-                raise ValueError(
-                    f"checkpoint {latest} in {self.workdir / 'checkpoints'} could not be restored ({e}); "
-                    "delete it to start over"
-                ) from e
-            self.state = self._unpure(restored)
+    def _checkpoints(self) -> list[tuple[int, Path]]:
+        if not self._ckpt_dir.is_dir():
+            return []
+        found = [(int(p.name.split("_")[1]), p) for p in self._ckpt_dir.iterdir()
+                 if p.name.startswith("step_") and p.name.split("_")[1].isdigit()]
+        return sorted(found)
+
+    def _restore(self) -> None:
+        store.clean_leftovers(self._ckpt_dir)
+        ckpts = self._checkpoints()
+        if not ckpts:
+            return
+        step, path = ckpts[-1]
+        arrays = store.load_npz(path / "state.npz")
+        leaves, treedef = jax.tree_util.tree_flatten(self._pure(self.state))
+        if len(arrays) != len(leaves) or any(arrays[f"a{i}"].shape != np.shape(x) for i, x in enumerate(leaves)):
+            raise ValueError(f"checkpoint {path} does not fit this fit's state (shapes differ); delete it")
+        restored = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[f"a{i}"]) for i in range(len(leaves))])
+        self.state = self._unpure(restored)
+        self._step = int(step)
+        meta = store.read_json(path / "meta.json")
+        self.initial_loss = meta.get("initial_loss")
+        self._truncate_log(self._step)
 
     def _pure(self, state: FitState) -> dict[str, Any]:
-        return {
-            "basis": state.basis.to_pure_dict(),
-            "coef": state.coef.to_pure_dict(),
-            "opt_state": state.opt_state,
-            "step": state.step,
-        }
+        return {"basis": nnx.to_pure_dict(state.basis), "coef": nnx.to_pure_dict(state.coef),
+                "opt_state": state.opt_state, "step": state.step}
 
     def _unpure(self, d: dict[str, Any]) -> FitState:
-        basis, coef = self.state.basis, self.state.coef
-        basis.replace_by_pure_dict(d["basis"])
-        coef.replace_by_pure_dict(d["coef"])
+        basis, coef = nnx.clone(self.state.basis), nnx.clone(self.state.coef)
+        nnx.replace_by_pure_dict(basis, d["basis"])
+        nnx.replace_by_pure_dict(coef, d["coef"])
         return FitState(basis, coef, d["opt_state"], jnp.asarray(d["step"]))
 
     def save(self) -> None:
-        import orbax.checkpoint as ocp
-
-        if self._manager is None:
+        """Checkpoint the current state (atomic; keeps the last two)."""
+        if self.workdir is None or any(s == self._step for s, _ in self._checkpoints()):
             return
-        step = int(self.state.step)
-        if self._manager.latest_step() != step:
-            self._manager.save(step, args=ocp.args.StandardSave(self._pure(self.state)))
-            self._manager.wait_until_finished()
+        leaves = jax.tree_util.tree_leaves(self._pure(self.state))
+        with store.atomic_dir(self._ckpt_dir / f"step_{self._step:08d}") as tmp:
+            store.save_npz(tmp / "state.npz", {f"a{i}": np.asarray(x) for i, x in enumerate(leaves)})
+            store.write_json(tmp / "meta.json", {"step": self._step, "initial_loss": self.initial_loss})
+        for _, old in self._checkpoints()[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _truncate_log(self, step: int) -> None:
+        path = self.workdir / "metrics.jsonl"
+        if path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            store.atomic_write(path, "".join(ln + "\n" for ln in lines))
 
     # -- running -------------------------------------------------------------------------------
     @property
     def step(self) -> int:
-        return int(self.state.step)
+        return self._step
+
+    def _check(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
+        m = {k: float(v) for k, v in metrics.items()}
+        if self.initial_loss is None:
+            self.initial_loss = m["loss"]
+        if not math.isfinite(m["loss"]) or m["loss"] > DIVERGENCE_FACTOR * max(self.initial_loss, 1e-3):
+            raise FloatingPointError(
+                f"the operator fit diverged: loss {m['loss']:.4g} at step {step} (it started at "
+                f"{self.initial_loss:.4g}); lower fit.learning_rate (now {self.cfg.fit.learning_rate})")
+        return m
 
     def run(self, *, max_steps: int | None = None, progress: bool = True, log_every: int = 10) -> OperatorBank:
-        """Fit until `cfg.fit.steps` (or stop early after `max_steps` more steps); return the bank."""
+        """Fit until `cfg.fit.steps` (or stop after `max_steps` more steps); return the bank."""
         fit_cfg = self.cfg.fit
-        end = fit_cfg.steps if max_steps is None else min(fit_cfg.steps, self.step + max_steps)
+        end = fit_cfg.steps if max_steps is None else min(fit_cfg.steps, self._step + max_steps)
+        hyper = {k: jnp.float32(v) for k, v in fit_cfg.hyper.items()}
+        static = dict(model_graphdef=self.model_graphdef, op_graphdef=self.op_graphdef,
+                      steer_cfg=self.cfg.steering, shape=fit_cfg.shape,
+                      log_space=self.cfg.measure.space == "log", loss_floor=float(self.cfg.measure.loss_floor))
         log_path = self.workdir / "metrics.jsonl" if self.workdir is not None else None
-        bar = tqdm(total=fit_cfg.steps, initial=self.step, desc="fit operators", disable=not progress)
+        bar = tqdm(total=fit_cfg.steps, initial=self._step, desc="fit operators", disable=not progress)
         t0 = time.perf_counter()
-        while self.step < end:
-            self.state, metrics = self._step(
-                self.state, self.model_state, self.data, self.base_key,
-                model_graphdef=self.model_graphdef, op_graphdef=self.op_graphdef,
-                steer_cfg=self.cfg.steering, fit_cfg=fit_cfg, log_space=self.cfg.measure.space == "log",
-            )
-            step = self.step
+        pending: tuple[int, Any] | None = None  # (step, metrics) read one step late
+
+        def flush(step: int, metrics: Any) -> None:
+            m = self._check(step, metrics)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in m.items()})
+            if log_path is not None:
+                with log_path.open("a") as f:
+                    f.write(json.dumps({"step": step, "seconds": round(time.perf_counter() - t0, 3), **m}) + "\n")
+
+        while self._step < end:
+            self.state, metrics = _fit_step(self.state, self.model_state, self.data, self.base_key, hyper, **static)
+            self._step += 1
+            if pending is not None:
+                flush(*pending)
+                pending = None
+            if self._step % log_every == 0 or self._step == end or self.initial_loss is None:
+                pending = (self._step, metrics)
             bar.update(1)
-            if step % log_every == 0 or step == end:
-                m = {k: float(v) for k, v in metrics.items()}
-                if not np.isfinite(m["loss"]):
-                    raise FloatingPointError(f"fit loss became {m['loss']} at step {step}; lower learning_rate")
-                bar.set_postfix({k: f"{v:.4f}" for k, v in m.items()})
-                if log_path is not None:
-                    with log_path.open("a") as f:
-                        f.write(json.dumps({"step": step, "seconds": time.perf_counter() - t0, **m}) + "\n")
-            if self._manager is not None and (step % fit_cfg.checkpoint_every == 0 or step == end):
+            if self.workdir is not None and (self._step % fit_cfg.checkpoint_every == 0 or self._step == end):
+                if pending is not None:
+                    flush(*pending)
+                    pending = None
                 self.save()
+        if pending is not None:
+            flush(*pending)
         bar.close()
         return self.bank
 
     @property
     def bank(self) -> OperatorBank:
-        return OperatorBank(self.op_graphdef, self.state.basis, self.state.coef)
+        """The operators now, as a copy: later `run` calls (which donate the state) leave it intact."""
+        return OperatorBank(self.op_graphdef, jax.tree.map(jnp.copy, self.state.basis),
+                            jax.tree.map(jnp.copy, self.state.coef))
 
 
-def fit_operators(
-    model: nnx.Module,
-    inputs: np.ndarray,
-    targets: np.ndarray,
-    design: Design,
-    cfg: StrideConfig,
-    *,
-    workdir: str | Path | None = None,
-    progress: bool = True,
-) -> OperatorBank:
-    """Fit all K operators for `model` on the pool (inputs, targets) under `design`."""
-    return Fitter(model, inputs, targets, design, cfg, workdir=workdir).run(progress=progress)
+def fit_operators(model: nnx.Module, examples, design: Design, cfg: StrideConfig, *,
+                  workdir: str | Path | None = None, progress: bool = True) -> OperatorBank:
+    """Fit all K operators for `model` on the pool `examples` under `design`."""
+    return Fitter(model, examples, design, cfg, workdir=workdir, progress=progress).run(progress=progress)
 
 
-__all__ = [
-    "FitData",
-    "FitState",
-    "Fitter",
-    "compute_features",
-    "fit_loss",
-    "fit_operators",
-    "fit_step",
-    "jl_sketch",
-    "ridge_residual",
-]
-
+__all__ = ["FitData", "FitState", "Fitter", "compute_features", "fit_identity", "fit_loss", "fit_operators",
+           "fit_step", "jl_sketch", "ridge_residual", "sample_batch"]

@@ -24,11 +24,9 @@ Ns examples per subset, C models in a chunk.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -36,18 +34,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stride_jax import design
+from stride_jax import store as store_lib
 from stride_jax import train as train_lib
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _META = "meta.json"
 _SUBSETS = "subsets.npy"
 _SEEDS = "seeds.npy"
 _CHUNK_RE = re.compile(r"^chunk_(\d+)_(\d+)\.npz$")
-_TMP_PREFIX = ".tmp-"
-# GroundTruthConfig fields that change only how the work is batched, not its results: they are
-# recorded in meta.json but left out of the fingerprint, so a store can be resumed with another
-# chunk size.
-_EXECUTION_ONLY_FIELDS = ("models_per_chunk",)
+_TMP_PREFIX = store_lib.TMP_PREFIX
+# models_per_chunk is part of the fingerprint: vmapping P models at once changes float32 results
+# (by up to ~5e-7 in the losses), so a store is resumed with the chunk size it was made with.
+_EXECUTION_ONLY_FIELDS: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,62 +96,13 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
     raise TypeError(f"cannot record config of type {type(cfg).__name__}: no to_dict()")
 
 
-def _canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
-
-
-def _normalise(obj: Any) -> Any:
-    """What `obj` reads back as after a JSON round trip (tuples become lists, ...)."""
-    return json.loads(_canonical_json(obj))
-
-
-def _sha256_arrays(arrays: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _short(v: Any) -> str:
-    s = json.dumps(v)
-    return s[:19] + "..." if len(s) > 22 else s
-
-
-def _atomic_write(path: Path, write_fn) -> None:
-    """Calls write_fn(file object) on a temp file in path's directory, then renames it onto path."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _identity(
     cfg: GroundTruthConfig, model_cfg: Any, train_cfg: Any, train_examples: Any,
     query_examples: Any,
 ) -> dict[str, Any]:
     """What decides the store's results; its canonical JSON is hashed into the fingerprint."""
     gt = {k: v for k, v in cfg.to_dict().items() if k not in _EXECUTION_ONLY_FIELDS}
-    return _normalise({
+    return store_lib.normalise({
         "format_version": FORMAT_VERSION,
         "groundtruth": gt,
         "model_type": type(model_cfg).__name__,
@@ -167,7 +116,7 @@ def _identity(
 
 
 def _fingerprint(identity: dict[str, Any]) -> str:
-    return hashlib.sha256(_canonical_json(identity).encode()).hexdigest()
+    return store_lib.fingerprint(identity)
 
 
 def _identity_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
@@ -178,10 +127,10 @@ def _identity_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _describe_difference(path: Path, stored: dict[str, Any], asked: dict[str, Any]) -> str:
-    a, b = _flatten(stored), _flatten(asked)
+    a, b = store_lib.flatten(stored), store_lib.flatten(asked)
     keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
-    made = ", ".join(f"{k}={_short(a.get(k, '<absent>'))}" for k in keys)
-    wants = ", ".join(f"{k}={_short(b.get(k, '<absent>'))}" for k in keys)
+    made = ", ".join(f"{k}={store_lib._short(a.get(k, '<absent>'))}" for k in keys)
+    wants = ", ".join(f"{k}={store_lib._short(b.get(k, '<absent>'))}" for k in keys)
     return (f"ground-truth store at {path} was made with {made}; this run asks {wants}; "
             "use another directory (or delete this one to start over)")
 
@@ -235,7 +184,7 @@ class GroundTruthStore:
         if (path / _META).exists():
             meta = cls._read_meta(path)
             if meta["fingerprint"] != fingerprint:
-                raise ValueError(_describe_difference(path, _identity_from_meta(meta), identity))
+                raise store_lib.IdentityError(_describe_difference(path, _identity_from_meta(meta), identity))
             return cls._load(path, meta, cfg=cfg, read_only=False)
 
         if path.exists():
@@ -256,17 +205,17 @@ class GroundTruthStore:
             raise ValueError(f"alpha_subsets gave shape {subset_idx_MxNs.shape}, expected "
                              f"({cfg.n_subsets}, {n_s}) (n_train={n_train}, alpha={cfg.alpha})")
         seeds_MxR = _model_seeds(cfg)
-        _atomic_write(path / _SUBSETS, lambda f: np.save(f, subset_idx_MxNs))
-        _atomic_write(path / _SEEDS, lambda f: np.save(f, seeds_MxR))
+        store_lib.atomic_write(path / _SUBSETS, lambda f: np.save(f, subset_idx_MxNs))
+        store_lib.atomic_write(path / _SEEDS, lambda f: np.save(f, seeds_MxR))
         meta = {
             **identity,
-            "groundtruth": _normalise(cfg.to_dict()),
+            "groundtruth": store_lib.normalise(cfg.to_dict()),
             "fingerprint": fingerprint,
-            "subsets_sha256": _sha256_arrays({"subsets": subset_idx_MxNs}),
-            "seeds_sha256": _sha256_arrays({"seeds": seeds_MxR}),
+            "subsets_sha256": store_lib.digest({"subsets": subset_idx_MxNs}),
+            "seeds_sha256": store_lib.digest({"seeds": seeds_MxR}),
         }
         text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-        _atomic_write(path / _META, lambda f: f.write(text.encode()))
+        store_lib.atomic_write(path / _META, text)
         return cls(path, meta, cfg, subset_idx_MxNs, seeds_MxR, read_only=False)
 
     @classmethod
@@ -330,11 +279,18 @@ class GroundTruthStore:
             a = np.load(p, allow_pickle=False)
         except Exception as e:
             raise ValueError(f"{p} is missing or unreadable ({type(e).__name__}: {e})") from e
-        if _sha256_arrays({name: a}) != sha:
+        if store_lib.digest({name: a}) != sha:
             raise ValueError(f"{p} does not match the checksum in {_META}: the store is corrupt")
         return a
 
     # -- chunks
+
+    def refresh(self) -> None:
+        """Ingest chunk files written (by another process) since this store was opened."""
+        seen = set(self._chunk_of.values())
+        for chunk_path in self._chunk_paths():
+            if str(chunk_path) not in seen:
+                self._ingest_chunk(chunk_path)
 
     def _chunk_paths(self) -> list[Path]:
         found = []
@@ -353,7 +309,7 @@ class GroundTruthStore:
         except Exception as e:
             raise ValueError(
                 f"chunk file {p} is unreadable ({type(e).__name__}: {e}); {hint}") from e
-        if _sha256_arrays(arrays) != sha:
+        if store_lib.digest(arrays) != sha:
             raise ValueError(f"chunk file {p} fails its sha256 check (corrupt); {hint}")
         if str(arrays["fingerprint"]) != self.fingerprint:
             raise ValueError(
@@ -403,9 +359,9 @@ class GroundTruthStore:
         flat_C = j_C.astype(np.int64) * self.cfg.seeds_per_subset + r_C
         arrays = {"subset_idx": j_C, "seed_idx": r_C, "losses": losses_CxQ,
                   "fingerprint": np.asarray(self.fingerprint)}
-        sha = _sha256_arrays(arrays)
+        sha = store_lib.digest(arrays)
         p = self.path / f"chunk_{flat_C.min()}_{flat_C.max() + 1}.npz"
-        _atomic_write(p, lambda f: np.savez(f, sha256=np.asarray(sha), **arrays))
+        store_lib.atomic_write(p, lambda f: np.savez(f, sha256=np.asarray(sha), **arrays))
         self._ingest_chunk(p)  # reads back what hit the disk
         return p
 
@@ -472,10 +428,20 @@ def run_groundtruth(
     """
     asked = _identity(store.cfg, model_cfg, train_cfg, train_examples, query_examples)
     if _fingerprint(asked) != store.fingerprint:
-        raise ValueError(_describe_difference(store.path, _identity_from_meta(store.meta), asked))
+        raise store_lib.IdentityError(_describe_difference(store.path, _identity_from_meta(store.meta), asked))
     if store.read_only:
         raise ValueError(f"ground-truth store at {store.path} was opened read-only; use "
                          "GroundTruthStore.create_or_open to run it")
+    with store_lib.Lock(store.path):
+        return _run_pending(store, model_cfg, train_cfg, train_examples, query_examples, progress=progress,
+                            max_models=max_models, eval_batch_size=eval_batch_size)
+
+
+def _run_pending(store: GroundTruthStore, model_cfg: Any, train_cfg: Any, train_examples: Any,
+                 query_examples: Any, *, progress: bool, max_models: int | None,
+                 eval_batch_size: int) -> GroundTruthStore:
+    store_lib.clean_leftovers(store.path)  # temporary files of a killed write (the lock is ours)
+    store.refresh()  # chunks another process finished while this one waited
     todo = store.pending()
     if max_models is not None:
         todo = todo[:max(0, max_models)]

@@ -3,7 +3,9 @@
 y[q, k] = loss_base(q) - loss_k(q) (or the difference of logs), STRIDE section 3 step 4. For
 each chunk of queries the frozen trunk (up to layer l) and the base logits run once; the K
 operators are then applied to the shared activations in chunks of `operator_chunk` with
-`lax.map`, so memory is bounded by query_chunk x operator_chunk x T x V.
+`lax.map`, so memory is bounded by query_chunk x operator_chunk x T x V. Query chunks have
+one fixed shape (the last is padded), so one compiled program serves every call; with a mesh
+the operator axis is split over devices by `shard_map`, compiled once per mesh.
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from stride_jax import steering
+from stride_jax import models, steering
 from stride_jax.config import MeasureConfig, SteeringConfig
-from stride_jax.fit import feature_fn
 from stride_jax.models import example_loss
 from stride_jax.steering import OperatorBank
 
@@ -33,46 +34,39 @@ class Measurement(NamedTuple):
     steered_loss_QxK: np.ndarray
 
 
-def _measure_chunk(
-    model_state: nnx.State,
-    basis: nnx.State,
-    coef_K: nnx.State,
-    inputs: jax.Array,
-    targets: jax.Array,
-    *,
-    model_graphdef: nnx.GraphDef,
-    op_graphdef: nnx.GraphDef,
-    cfg: SteeringConfig,
-    operator_chunk: int,
-) -> tuple[jax.Array, jax.Array]:
+def _measure_chunk(model_state, basis, coef_K, batch, *, model_graphdef, op_graphdef, cfg: SteeringConfig,
+                   operator_chunk: int):
     """Base losses [Qc] and steered losses [K, Qc] for one chunk of queries."""
+    inputs, targets, mask, weights = batch
     model = nnx.merge(model_graphdef, model_state)
-    h, base_logits = feature_fn(model_graphdef, model_state, inputs, cfg=cfg)
+    h = model.trunk(inputs, layer=cfg.layer, mask=mask)
+    base_logits = model.rest(h, layer=cfg.layer, mask=mask)
 
     def one(coef_k):
-        logits = steering.apply_operator(op_graphdef, basis, coef_k, model, h, base_logits, cfg)
-        return example_loss(logits, targets)
+        logits = steering.apply_operator(op_graphdef, basis, coef_k, model, h, base_logits, cfg, mask)
+        return example_loss(logits, targets, weights)
 
     steered = jax.lax.map(one, coef_K, batch_size=operator_chunk)
-    return example_loss(base_logits, targets), steered
+    return example_loss(base_logits, targets, weights), steered
 
 
 _STATIC = ("model_graphdef", "op_graphdef", "cfg", "operator_chunk")
 _measure_chunk_jit = jax.jit(_measure_chunk, static_argnames=_STATIC)
 
 
+@functools.lru_cache(maxsize=16)
 def _sharded_measure_chunk(mesh: Mesh, axis: str):
-    """`_measure_chunk` with the operator axis split over `mesh[axis]` by `shard_map`.
+    """`_measure_chunk` with the operator axis split over `mesh[axis]` by `shard_map` (cached
+    per mesh, so a second call with the same shapes does not recompile).
 
     Operators are independent, so each device measures its slice of the K operators on the
     (replicated) query chunk; no communication beyond gathering the [K, Qc] result.
     """
 
-    def fn(model_state, basis, coef_K, inputs, targets, **static):
+    def fn(model_state, basis, coef_K, batch, **static):
         body = functools.partial(_measure_chunk, **static)
-        return jax.shard_map(
-            body, mesh=mesh, in_specs=(P(), P(), P(axis), P(), P()), out_specs=(P(), P(axis)), check_vma=False
-        )(model_state, basis, coef_K, inputs, targets)
+        return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(axis), P()), out_specs=(P(), P(axis)),
+                             check_vma=False)(model_state, basis, coef_K, batch)
 
     return jax.jit(fn, static_argnames=_STATIC)
 
@@ -80,8 +74,7 @@ def _sharded_measure_chunk(mesh: Mesh, axis: str):
 def measure(
     model: nnx.Module,
     bank: OperatorBank,
-    inputs: np.ndarray,
-    targets: np.ndarray,
+    queries,
     steer_cfg: SteeringConfig,
     cfg: MeasureConfig = MeasureConfig(),
     *,
@@ -89,15 +82,14 @@ def measure(
     mesh: Mesh | None = None,
     axis: str = "subsets",
 ) -> Measurement:
-    """Losses of the frozen model and of all K steered models on every query.
+    """Losses of the frozen model and of all K steered models on every query (an `Examples`).
 
     With a `mesh`, the K operators are split over its `axis` (K must divide evenly) and each
     device measures its share; results equal the single-device measurement.
     """
-    if len(inputs) == 0:
+    if len(queries) == 0:
         raise ValueError("no queries to measure")
-    if len(inputs) != len(targets):
-        raise ValueError(f"{len(inputs)} query inputs but {len(targets)} targets")
+    models.check_examples(model.cfg, queries)
     steering.steered_dim(model, steer_cfg)
     model_graphdef, model_state = nnx.split(model)
     coef = bank.coef
@@ -110,47 +102,67 @@ def measure(
         operator_chunk = min(operator_chunk, bank.n_subsets // n_dev)
         coef = jax.device_put(coef, NamedSharding(mesh, P(axis)))
         chunk_fn = _sharded_measure_chunk(mesh, axis)
+    from stride_jax.train import device_batch, take
+
+    data = device_batch(queries)
+    n = len(queries)
+    size = min(cfg.query_chunk, n)
     base, steered = [], []
-    starts = range(0, len(inputs), cfg.query_chunk)
-    for start in tqdm(starts, desc="measure", disable=not progress):
-        b, s = chunk_fn(
-            model_state, bank.basis, coef,
-            jnp.asarray(inputs[start : start + cfg.query_chunk]),
-            jnp.asarray(targets[start : start + cfg.query_chunk]),
-            model_graphdef=model_graphdef, op_graphdef=bank.graphdef, cfg=steer_cfg,
-            operator_chunk=operator_chunk,
-        )
-        base.append(np.asarray(b))
-        steered.append(np.asarray(s).T)
+    for start in tqdm(range(0, n, size), desc="measure", disable=not progress, leave=False):
+        idx = jnp.asarray(np.minimum(np.arange(start, start + size), n - 1))  # last chunk padded
+        b, s = chunk_fn(model_state, bank.basis, coef, take(data, idx), model_graphdef=model_graphdef,
+                        op_graphdef=bank.graphdef, cfg=steer_cfg, operator_chunk=operator_chunk)
+        keep = min(size, n - start)
+        base.append(np.asarray(b)[:keep])
+        steered.append(np.asarray(s).T[:keep])
     return Measurement(np.concatenate(base), np.concatenate(steered))
 
 
 def raw_responses(m: Measurement, cfg: MeasureConfig = MeasureConfig()) -> np.ndarray:
-    """Uncentred y[q, k]: loss_base - loss_k (of logs for space='log'). Raises on NaN/inf."""
-    base = m.base_loss_Q[:, None]
-    steered = m.steered_loss_QxK
-    bad = ~np.isfinite(steered) | ~np.isfinite(base)
-    if bad.any():
-        raise ValueError(f"{int(bad.sum())} measured losses are NaN or inf; the operators diverged")
+    """Uncentred y[q, k]: loss_base - loss_k, or of logs (losses floored at `cfg.loss_floor`)."""
+    base = np.asarray(m.base_loss_Q, np.float64)[:, None]
+    steered = np.asarray(m.steered_loss_QxK, np.float64)
+    bad_base, bad = ~np.isfinite(base), ~np.isfinite(steered)
+    if bad_base.any() or bad.any():
+        raise ValueError(f"{int(bad.sum())} steered and {int(bad_base.sum())} base losses are NaN or inf: "
+                         "the operator fit diverged (check the fit's metrics.jsonl), or the model itself "
+                         "produces non-finite losses on these queries")
     if cfg.space == "log":
-        if (steered <= 0).any() or (base <= 0).any():
-            raise ValueError("log-space measurement needs strictly positive losses; use space='diff'")
-        return np.log(base) - np.log(steered)
+        floor = float(cfg.loss_floor)
+        return np.log(np.maximum(base, floor)) - np.log(np.maximum(steered, floor))
     return base - steered
 
 
-def responses(
-    m: Measurement, cfg: MeasureConfig = MeasureConfig(), reference: Measurement | None = None
-) -> np.ndarray:
+class Reference(NamedTuple):
+    """Each operator's effect on a fixed sample of pool examples, and which of them it holds."""
+
+    measurement: Measurement  # on P reference examples
+    member_PxK: np.ndarray  # reference example p belongs to subset k
+
+
+def operator_means(ref: Reference, cfg: MeasureConfig) -> np.ndarray:
+    """[K] each operator's mean raw response over the reference examples outside its subset."""
+    y_PxK = raw_responses(ref.measurement, cfg)
+    outside = ~ref.member_PxK
+    count_K = outside.sum(axis=0)
+    if (count_K == 0).any():
+        raise ValueError("some operator holds every reference example: use a larger reference")
+    return (y_PxK * outside).sum(axis=0) / count_K
+
+
+def responses(m: Measurement, cfg: MeasureConfig = MeasureConfig(), reference: Reference | None = None) -> np.ndarray:
     """y[q, k] ready for recovery: raw responses, then the chosen centring.
 
-    Positive y means operator k lowered query q's loss. Each operator's mean effect is estimated
-    on `reference` when given (use it when there are few queries), else on the queries.
+    Positive y means operator k lowered query q's loss. With cfg.reference == "fit" each
+    operator's mean effect comes from `reference` (measured at fit time), so a query's row
+    depends on that query alone; with "queries" it is the mean over this call's queries.
     """
     y = raw_responses(m, cfg)
     if cfg.center_operators:
-        if reference is not None:
-            y = y - raw_responses(reference, cfg).mean(axis=0, keepdims=True)
+        if cfg.reference == "fit":
+            if reference is None:
+                raise ValueError("measure.reference='fit' needs the reference measured at fit time")
+            y = y - operator_means(reference, cfg)[None, :]
         elif y.shape[0] > 1:
             y = y - y.mean(axis=0, keepdims=True)
     if cfg.center_queries:

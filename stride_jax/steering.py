@@ -68,7 +68,8 @@ class OperatorBank(NamedTuple):
 def steered_dim(model: nnx.Module, cfg: SteeringConfig) -> tuple[int, int]:
     """(in_dim, out_dim) of the operators for `model` under `cfg`; validates the layer."""
     if not 0 <= cfg.layer <= model.n_layers:
-        raise ValueError(f"steering layer {cfg.layer} out of range [0, {model.n_layers}] for this model")
+        raise ValueError(f"steering layer {cfg.layer} is beyond this model's depth: hook points are "
+                         f"0..{model.n_layers}")
     in_dim = model.hidden_dim_at(cfg.layer)
     out_dim = model.out_dim if cfg.placement == "logits" else in_dim
     return in_dim, out_dim
@@ -93,14 +94,16 @@ def apply_operator(
     h: jax.Array,
     base_logits: jax.Array | None,
     cfg: SteeringConfig,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """Steered logits of one subset's operator given the layer-l activations `h`.
 
-    `base_logits` (the frozen model's output) is used by the logits placement and may be None
-    for the residual placement. Vmap over `coef` (and over `h` when subsets see different
-    examples) for the K axis.
+    logits placement: base_logits + B(h) a_k (the frozen model's logits `base_logits`, at the
+    same positions as `h`); residual placement: rest(h + B(h) a_k) with the padding `mask`
+    (`base_logits` unused, may be None). Vmap over `coef` (and over `h` when subsets see
+    different examples) for the K axis.
     """
     op = nnx.merge(graphdef, basis, coef)
     if cfg.placement == "logits":
         return base_logits + op(h)
-    return model.rest(h + op(h), layer=cfg.layer)
+    return model.rest(h + op(h), layer=cfg.layer, mask=mask)

@@ -150,33 +150,6 @@ def _n_models(state_M: nnx.State) -> int:
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_examples(model_cfg: models.ModelConfig, examples) -> None:
-    n = len(examples.inputs)
-    if n == 0:
-        raise ValueError("examples is empty")
-    if len(examples.targets) != n:
-        raise ValueError(f"{n} inputs but {len(examples.targets)} targets")
-    if isinstance(model_cfg, models.GPTConfig):
-        x, y = np.asarray(examples.inputs), np.asarray(examples.targets)
-        if x.ndim != 2 or y.shape != x.shape:
-            raise ValueError(f"LM examples need inputs and targets [N, T], got {x.shape}, {y.shape}")
-        if x.shape[1] > model_cfg.seq_len:
-            raise ValueError(f"examples have length {x.shape[1]} > seq_len={model_cfg.seq_len}")
-        for name, a in (("inputs", x), ("targets", y)):
-            if not np.issubdtype(a.dtype, np.integer):
-                raise ValueError(f"LM {name} must be integer token ids, got {a.dtype}")
-            if a.min() < 0 or a.max() >= model_cfg.vocab_size:
-                raise ValueError(
-                    f"{name} token ids span [{a.min()}, {a.max()}], outside [0, {model_cfg.vocab_size})"
-                )
-    else:  # classifiers (MLP, ConvNet): flat float features [N, in_dim], labels [N]
-        x, y = np.asarray(examples.inputs), np.asarray(examples.targets)
-        if x.ndim != 2 or x.shape[1] != model_cfg.in_dim:
-            raise ValueError(f"classifier inputs must be [N, {model_cfg.in_dim}], got {x.shape}")
-        if y.shape != (n,) or y.min() < 0 or y.max() >= model_cfg.n_classes:
-            raise ValueError(f"classifier targets must be [N] labels in [0, {model_cfg.n_classes})")
-
-
 def _check_subsets(subset_idx_MxNs: np.ndarray, seeds_M: np.ndarray, n: int, batch_size: int):
     idx = np.asarray(subset_idx_MxNs)
     seeds = np.asarray(seeds_M)
@@ -206,17 +179,34 @@ def _batch_order(subset_idx_Ns: np.ndarray, seed: int, total_steps: int, batch: 
 # ----------------------------------------------------------------------------- pure steps
 
 
-def _mean_loss(params: nnx.State, graphdef: nnx.GraphDef, x: jax.Array, y: jax.Array) -> jax.Array:
-    return models.example_loss(nnx.merge(graphdef, params)(x), y).mean()
+def device_batch(examples) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+    """(inputs, targets, padding mask or None, loss weights or None) of `examples` on device."""
+    weights = examples.loss_mask if examples.loss_mask is not None else examples.mask
+    as_dev = lambda a: None if a is None else jnp.asarray(a)
+    return (jnp.asarray(examples.inputs), jnp.asarray(examples.targets), as_dev(examples.mask), as_dev(weights))
 
 
-def _train_chunk(params_M, opt_M, inputs_N, targets_N, idx_CxMxB, valid_C, peak_lr, total_steps, *,
-                 graphdef, opt):
+def take(batch, idx):
+    """Rows `idx` of every (non-None) array of a device batch."""
+    return tuple(None if a is None else a[idx] for a in batch)
+
+
+def batch_losses(model: nnx.Module, batch) -> jax.Array:
+    """Per-example loss [B] of `model` on a device batch (padding and loss masks applied)."""
+    x, y, mask, weights = batch
+    return models.example_loss(model(x, mask), y, weights)
+
+
+def _mean_loss(params: nnx.State, graphdef: nnx.GraphDef, batch) -> jax.Array:
+    return batch_losses(nnx.merge(graphdef, params), batch).mean()
+
+
+def _train_chunk(params_M, opt_M, data_N, idx_CxMxB, valid_C, peak_lr, total_steps, *, graphdef, opt):
     """`C` optimiser steps for M models (vmapped); steps with valid=False leave the state as is."""
     tx = _make_tx(opt, peak_lr, total_steps)
 
-    def one_model(params, opt_state, x, y):
-        loss, grads = jax.value_and_grad(_mean_loss)(params, graphdef, x, y)
+    def one_model(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(_mean_loss)(params, graphdef, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -224,7 +214,7 @@ def _train_chunk(params_M, opt_M, inputs_N, targets_N, idx_CxMxB, valid_C, peak_
         idx_MxB, valid = xs
 
         def run(carry):
-            params_M, opt_M, loss_M = jax.vmap(one_model)(*carry, inputs_N[idx_MxB], targets_N[idx_MxB])
+            params_M, opt_M, loss_M = jax.vmap(one_model)(*carry, take(data_N, idx_MxB))
             return (params_M, opt_M), loss_M
 
         def skip(carry):
@@ -253,9 +243,9 @@ def _init_opt(params_M: nnx.State, *, opt: _Optim):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _eval_batch(state_M, inputs_N, targets_N, idx_B, *, graphdef) -> jax.Array:
-    x, y = inputs_N[idx_B], targets_N[idx_B]
-    return jax.vmap(lambda s: models.example_loss(nnx.merge(graphdef, s)(x), y))(state_M)
+def _eval_batch(state_M, data_N, idx_B, *, graphdef) -> jax.Array:
+    batch = take(data_N, idx_B)
+    return jax.vmap(lambda s: batch_losses(nnx.merge(graphdef, s), batch))(state_M)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -281,7 +271,7 @@ def train_many(
     which for M = 1 equals training that model alone (the vmap invariant). Raises ValueError on
     inconsistent inputs and FloatingPointError if a model's last training loss is not finite.
     """
-    _check_examples(model_cfg, examples)
+    models.check_examples(model_cfg, examples)
     idx_MxNs, seeds = _check_subsets(subset_idx_MxNs, seeds_M, len(examples.inputs), cfg.batch_size)
     n_models, subset_size = idx_MxNs.shape
     total_steps = cfg.num_steps(subset_size)
@@ -293,7 +283,7 @@ def train_many(
     params_M = _init_many(model_cfg, seeds)
     opt = _Optim.of(cfg)
     opt_M = _init_opt(params_M, opt=opt)
-    inputs_N, targets_N = jnp.asarray(examples.inputs), jnp.asarray(examples.targets)
+    data_N = device_batch(examples)
 
     chunk = min(cfg.scan_steps, total_steps)
     n_chunks = math.ceil(total_steps / chunk)
@@ -308,8 +298,7 @@ def train_many(
         params_M, opt_M, loss_CxM = train_chunk(
             params_M,
             opt_M,
-            inputs_N,
-            targets_N,
+            data_N,
             jnp.asarray(order_MxSxB[:, sl].transpose(1, 0, 2)),
             jnp.asarray(valid_S[sl]),
             jnp.float32(cfg.learning_rate),
@@ -396,15 +385,15 @@ def eval_losses(
     if n == 0:
         raise ValueError("examples is empty")
     n_models = _n_models(state_M)
-    _check_examples(nnx.merge(graphdef, state_M).cfg, examples)  # stacked leaves; only cfg used
+    models.check_examples(nnx.merge(graphdef, state_M).cfg, examples)  # stacked leaves; only cfg used
     per_step = max(1, batch_size // n_models)
     per_step = min(per_step, n)
-    inputs_N, targets_N = jnp.asarray(examples.inputs), jnp.asarray(examples.targets)
+    data_N = device_batch(examples)
     out = []
     starts = range(0, n, per_step)
     for start in tqdm(starts, desc="eval", disable=not progress):
         idx_B = np.arange(start, start + per_step) % n  # last batch padded by wrapping around
-        out.append(_eval_batch(state_M, inputs_N, targets_N, jnp.asarray(idx_B, jnp.int32), graphdef=graphdef))
+        out.append(_eval_batch(state_M, data_N, jnp.asarray(idx_B, jnp.int32), graphdef=graphdef))
     losses_MxN = np.concatenate([np.asarray(o) for o in out], axis=1)[:, :n]
     return losses_MxN.astype(np.float32)
 

@@ -1,102 +1,168 @@
-"""The Stride facade and the Attribution result; the quick demo end to end."""
+"""The Stride facade: it recovers planted influence, is robust to confident models, reports
+non-convergence, scores each query independently of the others, and the Attribution round-trips."""
 
 import json
+import logging
 
+import jax
 import numpy as np
 import pytest
 
-from stride_jax import Attribution, Stride, StrideConfig, cli, models
-from stride_jax.baselines import RandomAttributor, RepresentationSimilarity
-from stride_jax.data import Examples
+from stride_jax import Attribution, Examples, Stride, StrideConfig, models, store, train
+from stride_jax.measure import Measurement, MeasureConfig, raw_responses
 
-CFG = models.GPTConfig(vocab_size=40, seq_len=8, n_layers=2, d_model=16, n_heads=2)
-
-
-def toy_examples(n, seed):
-    tokens = np.random.default_rng(seed).integers(0, CFG.vocab_size, (n, CFG.seq_len + 1)).astype(np.int32)
-    return Examples(inputs=tokens[:, :-1], targets=tokens[:, 1:], ids=np.arange(n, dtype=np.int64) + 100 * seed)
+V, T = 32, 12
+PLANTED = [3, 17, 29, 44]
+GPT = models.GPTConfig(vocab_size=V, seq_len=T, n_layers=1, d_model=32, n_heads=2)
 
 
-def test_stride_end_to_end_shapes_and_top_k(tmp_path):
-    model = models.build(CFG, seed=0)
-    train, queries = toy_examples(30, 1), toy_examples(5, 2)
-    cfg = StrideConfig().replace(design={"n_subsets": 12, "per_example": 3}, steering={"layer": 1, "rank": 2},
-                                 fit={"steps": 5, "subsets_per_step": 4, "positions_per_example": 4})
-    stride = Stride(cfg).fit(model, train, progress=False)
+def planted_task():
+    """60 random sequences over tokens 0..27, and 4 that alternate the otherwise unseen 30, 31.
+
+    The query alternates 31, 30: only the 4 planted examples teach the model that pattern, so
+    training on them is what lowers the query's loss.
+    """
+    rng = np.random.default_rng(0)
+    seqs = rng.integers(0, 28, (64, T + 1))
+    for i in PLANTED:
+        seqs[i] = np.tile([30, 31], T)[: T + 1]
+    qs = np.concatenate([np.tile([31, 30], T)[: T + 1][None], rng.integers(0, 28, (3, T + 1))])
+    as_examples = lambda s, ids: Examples(inputs=s[:, :-1].astype(np.int32), targets=s[:, 1:].astype(np.int32), ids=ids)
+    return as_examples(seqs, np.arange(64) + 1000), as_examples(qs, np.arange(4))
+
+
+PLANTED_CFG = StrideConfig().replace(design={"n_subsets": 64, "per_example": 4}, steering={"layer": 1, "rank": 4},
+                                     fit={"steps": 100, "subsets_per_step": 16, "positions_per_example": None})
+
+
+@pytest.fixture(scope="module")
+def planted():
+    pool, queries = planted_task()
+    model = train.pretrain(GPT, pool, train.TrainConfig(epochs=6, batch_size=16, learning_rate=1e-2), seed=0,
+                           progress=False)
+    stride = Stride(PLANTED_CFG).fit(model, pool, progress=False)
+    return model, pool, queries, stride
+
+
+def test_stride_recovers_planted_influence(planted):
+    """The 4 examples that alone teach the query's pattern are STRIDE's top 4 for that query."""
+    _, pool, queries, stride = planted
     attr = stride.attribute(queries, progress=False)
-    assert attr.scores.shape == (30, 5)
+    top4 = {i for i, _ in attr.top_k(0, k=4)}
+    assert top4 == set(PLANTED), attr.top_k(0, k=8)
+    assert attr.scores[PLANTED, 0].min() > 0  # they help (sign convention)
+    np.testing.assert_array_equal(attr.train_ids, pool.ids)
+    assert attr.n_not_converged == 0
+
+
+def test_operators_learn_their_own_subsets(planted):
+    """Each operator lowers its members' losses more than it lowers other examples' losses."""
+    _, pool, _, stride = planted
+    m = stride.measure(pool, progress=False)
+    drop_NxK = m.base_loss_Q[:, None] - m.steered_loss_QxK
+    member_NxK = stride.design.dense().T.astype(bool)
+    own = drop_NxK[member_NxK].mean()
+    other = drop_NxK[~member_NxK].mean()
+    assert own > other + 0.05, (own, other)
+
+
+def test_scores_do_not_depend_on_the_other_queries(planted):
+    _, _, queries, stride = planted
+    all4 = stride.attribute(queries, progress=False)
+    one = stride.attribute(queries[:1], progress=False)
+    np.testing.assert_allclose(one.scores[:, 0], all4.scores[:, 0], rtol=1e-4, atol=1e-6)
+    # with measure.reference="queries" (the old behaviour) they do
+    by_call = stride.with_config(stride.cfg.replace(measure={"reference": "queries"}))
+    a, b = by_call.attribute(queries, progress=False), by_call.attribute(queries[:2], progress=False)
+    assert not np.allclose(a.scores[:, 0], b.scores[:, 0], atol=1e-6)
+
+
+def test_with_config_shares_the_fit_and_refuses_fit_changes(planted):
+    _, _, queries, stride = planted
+    other = stride.with_config(stride.cfg.replace(recovery={"lambda_frac": 0.5}))
+    assert other.bank is stride.bank and stride.cfg.recovery.lambda_frac == 0.05  # nothing mutated
+    dense = stride.attribute(queries, progress=False).scores
+    sparse = other.attribute(queries, progress=False).scores
+    assert (sparse != 0).sum() < (dense != 0).sum()
+    with pytest.raises(ValueError, match="only measure and recovery"):
+        stride.with_config(stride.cfg.replace(fit={"steps": 5}))
+
+
+def test_unconverged_recovery_is_reported(planted, caplog):
+    _, _, queries, stride = planted
+    capped = stride.with_config(stride.cfg.replace(recovery={"fista": {"max_iter": 1}, "lambda_frac": 0.001}))
+    with caplog.at_level(logging.WARNING, logger="stride_jax"):
+        attr = capped.attribute(queries, progress=False)
+    assert attr.n_not_converged > 0 and "did not converge" in caplog.text
+    strict = stride.with_config(capped.cfg.replace(recovery={"strict": True}))
+    with pytest.raises(RuntimeError, match="did not converge"):
+        strict.attribute(queries, progress=False)
+
+
+def test_fit_workdir_rejects_another_model_and_resumes_the_same(planted, tmp_path):
+    model, pool, queries, _ = planted
+    cfg = PLANTED_CFG.replace(fit={"steps": 4, "checkpoint_every": 2})
+    first = Stride(cfg).fit(model, pool, workdir=tmp_path / "fit", progress=False).attribute(queries, progress=False)
+    again = Stride(cfg).fit(model, pool, workdir=tmp_path / "fit", progress=False).attribute(queries, progress=False)
+    np.testing.assert_array_equal(first.scores, again.scores)
+    other = models.build(GPT, seed=1)  # same architecture, other parameters
+    with pytest.raises(store.IdentityError, match="model: stored"):
+        Stride(cfg).fit(other, pool, workdir=tmp_path / "fit", progress=False)
+    edited = pool.replace(inputs=np.where(pool.inputs == 5, 6, pool.inputs))
+    with pytest.raises(store.IdentityError, match="data: stored"):
+        Stride(cfg).fit(model, edited, workdir=tmp_path / "fit", progress=False)
+
+
+def test_diverging_fit_stops_with_an_error(planted):
+    model, pool, _, _ = planted
+    cfg = PLANTED_CFG.replace(fit={"steps": 30, "learning_rate": 1e8})
+    with pytest.raises(FloatingPointError, match="diverged.*learning_rate"):
+        Stride(cfg).fit(model, pool, progress=False)
+
+
+def test_confident_classifier_needs_no_workaround():
+    """A classifier trained to (float32) zero loss: log-space measurement floors the losses."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 4)).astype(np.float32) * 4
+    y = (x[:, 0] > 0).astype(np.int32)
+    pool = Examples(inputs=x, targets=y, ids=np.arange(80))
+    cfg = models.MLPConfig(in_dim=4, hidden=(32,), n_classes=2)
+    model = train.pretrain(cfg, pool, train.TrainConfig(epochs=200, batch_size=16, learning_rate=3e-2), seed=0,
+                           progress=False)
+    assert (train.eval_loss(model, pool) == 0).any()  # some losses underflow to exactly 0
+    scfg = StrideConfig.preset("classifier", design={"n_subsets": 80, "per_example": 4},
+                               fit={"steps": 20, "subsets_per_step": 80})
+    attr = Stride(scfg).fit(model, pool, progress=False).attribute(pool[:8], progress=False)
     assert np.isfinite(attr.scores).all()
-    np.testing.assert_array_equal(attr.query_ids, queries.ids)
-    top = attr.top_k(0, k=3)
-    assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1]
-    worst = attr.top_k(0, k=2, harmful=True)
-    assert worst[0][1] <= worst[1][1]
-    attr.save(tmp_path / "attr")
-    back = Attribution.load(tmp_path / "attr")
-    np.testing.assert_array_equal(back.scores, attr.scores)
+    y_log = raw_responses(Measurement(np.zeros(2), np.array([[0.0, 0.5], [1e-9, 0.0]])), MeasureConfig())
+    assert np.isfinite(y_log).all() and y_log[0, 1] < 0  # 0 is floored, and a rising loss is negative
+
+
+def test_attribution_save_load_and_top_k(tmp_path):
+    scores = np.array([[0.5, -1.0], [2.0, 0.0], [-3.0, 1.0]], np.float32)
+    attr = Attribution(scores=scores, train_ids=np.array([7, 8, 9]), query_ids=np.array([0, 1]),
+                       converged=np.array([True, False]))
+    assert attr.top_k(0, k=2) == [(1, 2.0), (0, 0.5)]
+    assert attr.top_k(0, k=1, harmful=True) == [(2, -3.0)]
+    assert attr.n_not_converged == 1
+    attr.save(tmp_path / "a")
+    back = Attribution.load(tmp_path / "a")
+    np.testing.assert_array_equal(back.scores, scores)
+    assert json.loads((tmp_path / "a" / "attribution.json").read_text())["sign"].startswith("positive")
     with pytest.raises(IndexError):
-        attr.top_k(5)
-
-
-def test_unfitted_stride_and_corrupted_attribution(tmp_path):
-    with pytest.raises(RuntimeError, match="fit"):
-        Stride().attribute(toy_examples(3, 0))
-    with pytest.raises(ValueError, match="training examples"):
-        Stride().fit(models.build(CFG, 0), toy_examples(1, 0), progress=False)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "attribution.json").write_text(json.dumps({"method": "x", "n_train": 3, "n_query": 2}))
+        attr.top_k(2)
     (tmp_path / "a" / "scores.npz").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="cannot read"):
         Attribution.load(tmp_path / "a")
 
 
-def test_lambda_must_be_nonnegative():
-    with pytest.raises(ValueError, match="lambda"):
-        StrideConfig().replace(recovery={"lambda_frac": -0.1})
+def test_unfitted_stride():
+    with pytest.raises(RuntimeError, match="fit"):
+        Stride().attribute(planted_task()[1])
 
 
-def test_baselines_share_the_interface():
-    model = models.build(CFG, seed=0)
-    train, queries = toy_examples(10, 1), toy_examples(3, 2)
-    sim = RepresentationSimilarity(layer=1).fit(model, train).attribute(queries)
-    assert sim.scores.shape == (10, 3) and np.all(np.abs(sim.scores) <= 1 + 1e-5)
-    rnd = RandomAttributor(seed=0).fit(model, train).attribute(queries)
-    assert rnd.scores.shape == (10, 3) and rnd.method == "random"
-    with pytest.raises(ValueError, match="layer"):
-        RepresentationSimilarity(layer=9).fit(model, train)
-
-
-def test_quick_demo_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert cli.main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
-    report = json.loads((out / "report.json").read_text())
-    for method in ("stride", "repr-sim", "random"):
-        r = report["lds"][method]
-        assert -1 <= r["mean"] <= 1 and r["ci95"][0] <= r["mean"] <= r["ci95"][1]
-        assert isinstance(r["n_nan"], int)
-    assert "mean" in report["noise_ceiling"]
-    assert {"pretrain", "groundtruth", "stride_fit", "stride_attribute", "lds"} <= set(report["seconds"])
-    printed = capsys.readouterr().out
-    assert "seed-vs-seed" in printed and "helpful" in printed
-    # A rerun reuses the base model, the ground truth and the fit.
-    assert cli.main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
-    again = json.loads((out / "report.json").read_text())
-    assert again["lds"] == report["lds"]
-    assert again["seconds"]["groundtruth"] < report["seconds"]["groundtruth"]
-
-
-def test_cli_reports_bad_config(tmp_path, capsys):
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"stride": {"design": {"n_subsets": 4, "per_example": 9}}}))
-    assert cli.main(["config", "--config", str(bad)]) == 2
-    assert "per_example" in capsys.readouterr().err
-
-
-def test_quick_yaml_matches_quick_config():
-    from pathlib import Path
-
-    from stride_jax.config import load_config_file
-    from stride_jax.experiment import ExperimentConfig, quick_config
-
-    path = Path(__file__).parent.parent / "experiments" / "configs" / "quick.yaml"
-    assert ExperimentConfig.from_dict(load_config_file(path)) == quick_config()
+def test_presets_are_named_and_validated():
+    assert StrideConfig.preset("lm").design.n_subsets == 2048
+    assert StrideConfig.preset("quick", fit={"steps": 3}).fit.steps == 3
+    with pytest.raises(ValueError, match="unknown preset"):
+        StrideConfig.preset("huge")

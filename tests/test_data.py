@@ -146,23 +146,62 @@ def test_tokenizer_round_trip_and_metadata(tokenizer):
         check_vocab(tokenizer, 512)
 
 
-def test_examples_from_texts(tokenizer):
+def test_examples_from_texts_pad_and_chunk(tokenizer):
     seq_len = 8
-    exact = " the" * (seq_len + 1)
-    assert len(tokenizer(exact, add_special_tokens=False)["input_ids"]) == seq_len + 1
-    long = load_paragraphs("austen", "test")[0]
-    ex = examples_from_texts([exact, long], tokenizer, seq_len, truncate=True)
-    assert ex.inputs.shape == ex.targets.shape == (2, seq_len)
-    np.testing.assert_array_equal(ex.inputs[:, 1:], ex.targets[:, :-1])
-    np.testing.assert_array_equal(ex.ids, [0, 1])
-    assert ex.texts[0] == exact and long.startswith(ex.texts[1])
-    assert ex.sources is None
+    short, long = "the cat", load_paragraphs("austen", "test")[0]
+    ex = examples_from_texts([short, long], tokenizer, seq_len, mode="pad", truncate=True)
+    assert ex.inputs.shape == ex.targets.shape == ex.mask.shape == ex.loss_mask.shape == (2, seq_len)
+    n_short = len(tokenizer(short, add_special_tokens=False)["input_ids"]) + 1  # + eos
+    assert ex.mask[0].sum() == n_short - 1 and ex.mask[1].sum() == seq_len  # right padding, masked
+    np.testing.assert_array_equal(ex.inputs[:, 1:] * ex.mask[:, 1:], ex.targets[:, :-1] * ex.mask[:, 1:])
+    assert ex.texts[0] == short + EOS_TOKEN and long.startswith(ex.texts[1])  # derived from the tokens
     with pytest.raises(ValueError, match="truncate=True"):
-        examples_from_texts([long], tokenizer, seq_len)
-    with pytest.raises(ValueError, match="need exactly"):
-        examples_from_texts(["the"], tokenizer, seq_len)
-    with pytest.raises(ValueError):
+        examples_from_texts([long], tokenizer, seq_len, mode="pad")
+    chunked = examples_from_texts([long, short], tokenizer, seq_len, mode="chunk")
+    stream = tokenizer(long, add_special_tokens=False)["input_ids"] + [EOS_ID]
+    np.testing.assert_array_equal(chunked.inputs[0], stream[:seq_len])
+    assert chunked.mask is not None and chunked.mask[-1].sum() < seq_len  # the short last window is padded
+    assert len(examples_from_texts([long, short], tokenizer, seq_len, drop_last=True)) == len(chunked) - 1
+    with pytest.raises(ValueError, match="non-empty sequence"):
         examples_from_texts("the the the", tokenizer, 2)
+
+
+def test_examples_from_pairs_mask_the_prompt(tokenizer):
+    ex = data.examples_from_pairs(["What is 2 + 2?"], ["Four."], tokenizer, 24, chat_template=False)
+    p = len(tokenizer("What is 2 + 2?", add_special_tokens=False)["input_ids"])
+    r = len(tokenizer("Four.", add_special_tokens=False)["input_ids"]) + 1  # + eos
+    w = ex.loss_mask[0]
+    assert w[: p - 1].sum() == 0 and w[p - 1 : p - 1 + r].sum() == r and w.sum() == r
+    assert ex.texts[0] == "What is 2 + 2?Four." + EOS_TOKEN
+    with pytest.raises(ValueError, match="response 0 is empty"):
+        data.examples_from_pairs(["q"], ["  "], tokenizer, 24)
+    with pytest.raises(ValueError, match="truncated away|more than"):
+        data.examples_from_pairs(["word " * 40], ["answer"], tokenizer, 8, truncate=True)
+
+
+def test_load_jsonl(tokenizer, tmp_path):
+    data.write_jsonl(tmp_path / "t.jsonl", [{"text": "It is a truth"}, {"text": "universally acknowledged"}])
+    ex = data.load_jsonl(tmp_path / "t.jsonl", tokenizer, 16)
+    assert len(ex) == 2 and ex.texts[1] == "universally acknowledged" + EOS_TOKEN
+    data.write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Say hi.", "response": "Hi!"}])
+    assert data.load_jsonl(tmp_path / "p.jsonl", tokenizer, 16).loss_mask.sum() > 0
+    data.write_jsonl(tmp_path / "bad.jsonl", [{"text": "a"}, {"prompt": "only a prompt"}])
+    with pytest.raises(ValueError, match="record 1 has neither"):
+        data.load_jsonl(tmp_path / "bad.jsonl", tokenizer, 16)
+    (tmp_path / "lines.txt").write_text("first line\n\nsecond line\n")
+    assert len(data.load_jsonl(tmp_path / "lines.txt", tokenizer, 16)) == 2
+    with pytest.raises(FileNotFoundError):
+        data.load_jsonl(tmp_path / "missing.jsonl", tokenizer, 16)
+
+
+def test_tokens_and_texts_cannot_drift(tokenizer):
+    ex = examples_from_texts(["It is a truth universally acknowledged"], tokenizer, 6, mode="chunk")
+    edited = ex.replace(inputs=np.where(ex.inputs == ex.inputs[0, 0], 0, ex.inputs))
+    assert edited.texts != ex.texts  # re-derived from the new tokens
+    with pytest.raises(ValueError):
+        ex.inputs[0, 0] = 1  # arrays are read-only
+    with pytest.raises(ValueError, match="texts do not match"):
+        Examples(inputs=ex.inputs, targets=ex.targets, ids=ex.ids, texts=("something else",), tokenizer=tokenizer)
 
 
 def test_getitem_and_content_hash():
@@ -195,6 +234,12 @@ def test_examples_validates_shapes():
         Examples(**ok, sources=[0, 1])
     with pytest.raises(ValueError, match="integers"):
         Examples(**{**ok, "targets": np.zeros((3, 4), np.float32)})
+    with pytest.raises(ValueError, match="unique"):
+        Examples(**{**ok, "ids": [0, 1, 1]})
+    with pytest.raises(ValueError, match="right padding"):
+        Examples(**ok, mask=np.array([[1, 0, 1, 1]] * 3))
+    with pytest.raises(ValueError, match="all-zero loss_mask"):
+        Examples(**ok, loss_mask=np.zeros((3, 4)))
     # A classifier-shaped pool is fine too.
     clf = Examples(inputs=np.zeros((5, 64), np.float32), targets=np.arange(5), ids=np.arange(5))
     assert len(clf[1:3]) == 2

@@ -4,9 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from stride_jax import models, steering
+from stride_jax import Examples, models, steering
 from stride_jax.config import MeasureConfig, SteeringConfig
-from stride_jax.measure import Measurement, measure, raw_responses, responses
+from stride_jax.measure import Measurement, Reference, measure, raw_responses, responses
+from stride_jax.measure import _sharded_measure_chunk, _measure_chunk_jit
 
 CFG = models.GPTConfig(vocab_size=40, seq_len=8, n_layers=2, d_model=16, n_heads=2)
 
@@ -16,17 +17,18 @@ def setup():
     model = models.build(CFG, seed=0)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, CFG.vocab_size, (7, CFG.seq_len + 1)).astype(np.int32)
-    return model, tokens[:, :-1], tokens[:, 1:]
+    return model, Examples(inputs=tokens[:, :-1], targets=tokens[:, 1:], ids=np.arange(7))
 
 
 @pytest.mark.parametrize("placement", ["logits", "residual"])
 def test_measure_matches_reference_and_is_chunk_invariant(setup, placement):
-    model, x, t = setup
+    model, q = setup
+    x, t = q.inputs, q.targets
     cfg = SteeringConfig(layer=1, rank=3, placement=placement)
     bank = steering.init_bank(model, 6, cfg, seed=0)
     bank = bank._replace(coef=jax.tree.map(lambda c: 0.5 * jax.random.normal(jax.random.PRNGKey(2), c.shape),
                                            bank.coef))
-    m = measure(model, bank, x, t, cfg, MeasureConfig(query_chunk=3, operator_chunk=4), progress=False)
+    m = measure(model, bank, q, cfg, MeasureConfig(query_chunk=3, operator_chunk=4), progress=False)
     h = model.trunk(x, layer=1)
     o = model.rest(h, layer=1)
     ref = np.stack([
@@ -37,15 +39,20 @@ def test_measure_matches_reference_and_is_chunk_invariant(setup, placement):
     ], axis=1)
     np.testing.assert_allclose(m.steered_loss_QxK, ref, rtol=1e-5)
     np.testing.assert_allclose(m.base_loss_Q, np.asarray(models.example_loss(o, t)), rtol=1e-6)
-    whole = measure(model, bank, x, t, cfg, MeasureConfig(query_chunk=64, operator_chunk=64), progress=False)
+    whole = measure(model, bank, q, cfg, MeasureConfig(query_chunk=64, operator_chunk=64), progress=False)
     np.testing.assert_allclose(whole.steered_loss_QxK, m.steered_loss_QxK, rtol=1e-5)
+    # a second call with the same shapes (7 queries in chunks of 3: the last one padded) reuses the program
+    compiled = _measure_chunk_jit._cache_size()
+    measure(model, bank, q[:5], cfg, MeasureConfig(query_chunk=3, operator_chunk=4), progress=False)
+    assert _measure_chunk_jit._cache_size() == compiled
 
 
 def test_zero_bank_measures_zero_response(setup):
     """A zero operator adds exact zeros to the logits (bitwise, within one program); measured
     through `measure`, base and steered losses come from differently fused XLA programs, so
     their difference is zero only up to float32 rounding of the loss: a few ulps of its size."""
-    model, x, t = setup
+    model, q = setup
+    x, t = q.inputs, q.targets
     cfg = SteeringConfig(layer=2, rank=2)
     bank = steering.init_bank(model, 3, cfg, seed=0)
     h = model.trunk(x, layer=2)
@@ -53,7 +60,7 @@ def test_zero_bank_measures_zero_response(setup):
     coef_0 = jax.tree.map(lambda c: c[0], bank.coef)
     steered = steering.apply_operator(bank.graphdef, bank.basis, coef_0, model, h, o, cfg)
     assert np.array_equal(np.asarray(steered), np.asarray(o))
-    m = measure(model, bank, x, t, cfg, progress=False)
+    m = measure(model, bank, q, cfg, progress=False)
     ulp = np.spacing(np.float32(m.base_loss_Q.max()))
     np.testing.assert_allclose(raw_responses(m, MeasureConfig(space="diff")), 0.0, atol=4 * ulp)
 
@@ -66,30 +73,42 @@ def test_responses_sign_and_centring():
     np.testing.assert_allclose(yl[0, 0], np.log(2.0))
     yc = responses(m, MeasureConfig(space="diff", center_operators=True, center_queries=True))
     np.testing.assert_allclose(yc.mean(axis=1), 0.0, atol=1e-6)
-    ref = Measurement(np.array([1.0]), np.array([[1.0, 1.0, 0.0]]))
-    yr = responses(m, MeasureConfig(space="diff", center_operators=True, center_queries=False), reference=ref)
-    np.testing.assert_allclose(yr, y - np.array([[0.0, 0.0, 1.0]]))
+    # each operator's mean over the reference examples outside its subset is subtracted
+    ref = Reference(Measurement(np.array([1.0, 3.0]), np.array([[1.0, 1.0, 0.0], [0.0, 3.0, 1.0]])),
+                    member_PxK=np.array([[False, True, False], [True, False, False]]))
+    yr = responses(m, MeasureConfig(space="diff", center_queries=False), reference=ref)
+    np.testing.assert_allclose(yr, y - np.array([[0.0, 0.0, 1.5]]))
+    yq = responses(m, MeasureConfig(space="diff", reference="queries", center_queries=False))
+    np.testing.assert_allclose(yq, y - y.mean(axis=0, keepdims=True))
+    with pytest.raises(ValueError, match="reference"):
+        responses(m, MeasureConfig(space="diff"))
 
 
 def test_nan_measurements_are_rejected():
     m = Measurement(np.array([1.0, 2.0]), np.array([[1.0, np.nan], [np.inf, 1.0]]))
-    with pytest.raises(ValueError, match="2 measured losses are NaN or inf"):
-        responses(m)
+    with pytest.raises(ValueError, match="2 steered and 0 base losses are NaN or inf"):
+        raw_responses(m)
+
+
+def test_log_space_floors_zero_losses():
+    m = Measurement(np.array([0.0, 1.0]), np.array([[0.0, 1e-3], [0.5, 0.0]]))
+    y = raw_responses(m, MeasureConfig(loss_floor=1e-6))
+    np.testing.assert_allclose(y, [[0.0, np.log(1e-6) - np.log(1e-3)], [np.log(2.0), -np.log(1e-6)]], rtol=1e-6)
 
 
 def test_measure_rejects_bad_queries(setup):
-    model, x, t = setup
+    model, q = setup
     cfg = SteeringConfig(layer=1, rank=2)
     bank = steering.init_bank(model, 2, cfg, seed=0)
     with pytest.raises(ValueError, match="no queries"):
-        measure(model, bank, x[:0], t[:0], cfg, progress=False)
+        measure(model, bank, q[np.arange(0)], cfg, progress=False)
     long_x = np.zeros((2, CFG.seq_len + 4), np.int32)
-    with pytest.raises(ValueError, match="seq_len|longer|context"):
-        measure(model, bank, long_x, long_x, cfg, progress=False)
+    with pytest.raises(ValueError, match="context"):
+        measure(model, bank, Examples(inputs=long_x, targets=long_x, ids=np.arange(2)), cfg, progress=False)
 
 
 def test_sharded_measurement_equals_single_device(setup):
-    model, x, t = setup
+    model, q = setup
     devices = np.array(jax.devices()[:4])
     if len(devices) < 2:
         pytest.skip("needs several (host) devices; tests/conftest.py forces 4")
@@ -97,10 +116,14 @@ def test_sharded_measurement_equals_single_device(setup):
     cfg = SteeringConfig(layer=1, rank=2)
     bank = steering.init_bank(model, 8, cfg, seed=0)
     bank = bank._replace(coef=jax.tree.map(lambda c: jax.random.normal(jax.random.PRNGKey(3), c.shape), bank.coef))
-    single = measure(model, bank, x, t, cfg, progress=False)
-    sharded = measure(model, bank, x, t, cfg, progress=False, mesh=mesh)
+    single = measure(model, bank, q, cfg, progress=False)
+    sharded = measure(model, bank, q, cfg, progress=False, mesh=mesh)
     np.testing.assert_allclose(sharded.steered_loss_QxK, single.steered_loss_QxK, rtol=1e-5)
     np.testing.assert_allclose(sharded.base_loss_Q, single.base_loss_Q, rtol=1e-6)
+    fn = _sharded_measure_chunk(mesh, "subsets")
+    compiled = fn._cache_size()
+    measure(model, bank, q, cfg, progress=False, mesh=mesh)  # an identical second call: no recompile
+    assert _sharded_measure_chunk(mesh, "subsets") is fn and fn._cache_size() == compiled
     with pytest.raises(ValueError, match="split evenly"):
-        measure(model, steering.init_bank(model, 6, cfg, seed=0), x, t, cfg, progress=False,
+        measure(model, steering.init_bank(model, 6, cfg, seed=0), q, cfg, progress=False,
                 mesh=jax.sharding.Mesh(np.array(jax.devices()[:4]), ("subsets",)))

@@ -34,27 +34,37 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stride_jax.attribution import Attribution, ExampleSet
-from stride_jax.baselines.base import make_attribution
-from stride_jax.baselines.gradients import _padded_chunks, check_queries, check_train, dot_t
+from stride_jax.attribution import Attribution
+from stride_jax.baselines.base import batches, check_queries, check_train, make_attribution
+from stride_jax.baselines.gradients import dot_t
+from stride_jax.data import Examples
 from stride_jax.baselines.logra import _forward, tap_linears
 
 __all__ = ["EKFAC"]
 
 
-def _layer_io(params, rest, x_B, y_B, graphdef):
-    """Per layer: inputs [B, S, d_in] and output gradients [B, S, d_out] of a batched forward."""
-    _, (_, outs) = jax.eval_shape(lambda: _forward(None, params, rest, x_B, y_B, graphdef))
+def _layer_io(params, rest, batch, graphdef):
+    """Per layer: inputs [B, S, d_in] and output gradients [B, S, d_out] of a batched forward.
+
+    Inputs at padded positions (padding mask 0) are zeroed: they are not data.
+    """
+    _, (_, outs) = jax.eval_shape(lambda: _forward(None, params, rest, batch, graphdef))
     zeros = [jnp.zeros(o.shape, o.dtype) for o in outs]
-    deltas, (inputs, _) = jax.grad(_forward, has_aux=True)(zeros, params, rest, x_B, y_B, graphdef)
-    B = x_B.shape[0]
-    return [(x.reshape(B, -1, x.shape[-1]), d.reshape(B, -1, d.shape[-1])) for x, d in zip(inputs, deltas)]
+    deltas, (inputs, _) = jax.grad(_forward, has_aux=True)(zeros, params, rest, batch, graphdef)
+    B, mask = batch[0].shape[0], batch[2]
+    out = []
+    for x, d in zip(inputs, deltas):
+        x = x.reshape(B, -1, x.shape[-1])
+        if mask is not None and x.shape[1] == mask.shape[1]:
+            x = x * mask[:, :, None]
+        out.append((x, d.reshape(B, -1, d.shape[-1])))
+    return out
 
 
-def _covariances_fn(params, rest, x_B, y_B, w_B, *, graphdef):
+def _covariances_fn(params, rest, batch, w_B, *, graphdef):
     """Per layer (sum_b w_b sum_t x x^T, sum_b w_b sum_t delta delta^T)."""
     out = []
-    for x, d in _layer_io(params, rest, x_B, y_B, graphdef):
+    for x, d in _layer_io(params, rest, batch, graphdef):
         xw = x * w_B[:, None, None]
         dw = d * w_B[:, None, None]
         hi = jax.lax.Precision.HIGHEST
@@ -62,11 +72,11 @@ def _covariances_fn(params, rest, x_B, y_B, w_B, *, graphdef):
     return out
 
 
-def _rotated_grads_fn(params, rest, x_B, y_B, bases, *, graphdef):
+def _rotated_grads_fn(params, rest, batch, bases, *, graphdef):
     """Per layer Q_A^T G_b Q_S [B, d_in * d_out] (G_b the per-example kernel gradient)."""
     out = []
     hi = jax.lax.Precision.HIGHEST
-    for (x, d), (q_a, q_s) in zip(_layer_io(params, rest, x_B, y_B, graphdef), bases, strict=True):
+    for (x, d), (q_a, q_s) in zip(_layer_io(params, rest, batch, graphdef), bases, strict=True):
         xr = jnp.einsum("bsi,ia->bsa", x, q_a, precision=hi)  # rotate first: never form G_b
         dr = jnp.einsum("bso,oc->bsc", d, q_s, precision=hi)
         out.append(jnp.einsum("bsa,bsc->bac", xr, dr, precision=hi).reshape(x.shape[0], -1))
@@ -99,24 +109,22 @@ class EKFAC:
         self.bases: list[tuple[jax.Array, jax.Array]] = []  # (Q_A, Q_S) per layer
         self.eigenvalues: list[jax.Array] = []  # corrected Lambda [d_in * d_out] per layer
         self._split = None
-        self._train: ExampleSet | None = None
+        self._train: Examples | None = None
         self._cache_NxD: jax.Array | None = None  # rotated training gradients / (Lambda + lambda)
         self._inv_D: jax.Array | None = None  # 1 / (Lambda + lambda), all layers concatenated
         self.timings: dict[str, float] = {}
 
-    def _chunks(self, examples: ExampleSet):
-        x, y = np.asarray(examples.inputs), np.asarray(examples.targets)
-        for start, stop, idx in _padded_chunks(len(x), min(self.chunk_size, len(x))):
-            yield start, stop, idx, jnp.asarray(x[idx]), jnp.asarray(y[idx])
+    def _chunks(self, examples: Examples):
+        yield from batches(examples, self.chunk_size)
 
-    def _rotated(self, examples: ExampleSet):
+    def _rotated(self, examples: Examples):
         """Yield (start, stop, [B, D] rotated gradients of all layers, concatenated)."""
         graphdef, params, rest = self._split
-        for start, stop, _, x, y in self._chunks(examples):
-            gs = _rotated_grads(params, rest, x, y, self.bases, graphdef=graphdef)
+        for start, stop, batch in self._chunks(examples):
+            gs = _rotated_grads(params, rest, batch, self.bases, graphdef=graphdef)
             yield start, stop, jnp.concatenate(gs, axis=1)[: stop - start]
 
-    def fit(self, model: nnx.Module, train: ExampleSet) -> "EKFAC":
+    def fit(self, model: nnx.Module, train: Examples) -> "EKFAC":
         check_train(train)
         t0 = time.perf_counter()
         tapped, self.layer_names = tap_linears(model, self.layers)
@@ -124,9 +132,10 @@ class EKFAC:
         n = len(train.inputs)
         # pass 1: Kronecker factors and their eigenbases
         sums = None
-        for start, stop, idx, x, y in self._chunks(train):
-            w = jnp.asarray((np.arange(len(idx)) < stop - start).astype(np.float32))
-            cov = _covariances(params, rest, x, y, w, graphdef=graphdef)
+        chunk = min(self.chunk_size, n)
+        for start, stop, batch in self._chunks(train):
+            w = jnp.asarray((np.arange(chunk) < stop - start).astype(np.float32))
+            cov = _covariances(params, rest, batch, w, graphdef=graphdef)
             sums = cov if sums is None else jax.tree.map(jnp.add, sums, cov)
         self.bases = [(jnp.linalg.eigh(a)[1], jnp.linalg.eigh(s)[1]) for a, s in sums]
         # pass 2: eigenvalue correction (and the rotated training gradients, when they fit)
@@ -149,7 +158,7 @@ class EKFAC:
         self.timings["fit"] = time.perf_counter() - t0
         return self
 
-    def attribute(self, queries: ExampleSet) -> Attribution:
+    def attribute(self, queries: Examples) -> Attribution:
         if self._train is None:
             raise RuntimeError("call EKFAC.fit(model, train) before attribute")
         check_queries(self._train, queries)

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stride_jax.attribution import Attribution, ExampleSet
+from stride_jax.attribution import Attribution
+from stride_jax.data import Examples
 from stride_jax.baselines.base import make_attribution
 from stride_jax.baselines.gradients import dot_t
 from stride_jax.baselines.text import _texts_of
@@ -217,11 +218,11 @@ class EncoderSimilarity:
     def __init__(self, model_dir: str | Path | None = None, max_length: int = 256, batch_size: int = 32):
         self.model_dir, self.max_length, self.batch_size = model_dir, max_length, batch_size
         self.encoder: SentenceEncoder | None = None
-        self._train: ExampleSet | None = None
+        self._train: Examples | None = None
         self._emb_NxH: np.ndarray | None = None
         self.timings: dict[str, float] = {}
 
-    def fit(self, model: nnx.Module | None, train: ExampleSet) -> "EncoderSimilarity":
+    def fit(self, model: nnx.Module | None, train: Examples) -> "EncoderSimilarity":
         """Embed the training passages (`model` is unused)."""
         texts = _texts_of(train, "training")
         if not texts:
@@ -236,7 +237,7 @@ class EncoderSimilarity:
         self.timings["fit"] = time.perf_counter() - t0
         return self
 
-    def attribute(self, queries: ExampleSet) -> Attribution:
+    def attribute(self, queries: Examples) -> Attribution:
         if self._emb_NxH is None:
             raise RuntimeError("call EncoderSimilarity.fit(model, train) before attribute")
         texts = _texts_of(queries, "query")

@@ -34,9 +34,9 @@ import numpy as np
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from stride_jax import models
-from stride_jax.attribution import Attribution, ExampleSet
-from stride_jax.baselines.base import make_attribution
+from stride_jax.attribution import Attribution
+from stride_jax.baselines.base import batches, check_queries, check_train, make_attribution, one_loss
+from stride_jax.data import Examples
 
 __all__ = [
     "GradDot",
@@ -45,7 +45,6 @@ __all__ = [
     "num_params",
     "per_example_grads",
     "iter_grad_chunks",
-    "check_queries",
     "dot_t",
 ]
 
@@ -65,32 +64,21 @@ def num_params(model: nnx.Module) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
-def _one_loss(params: nnx.State, rest: nnx.State, x: jax.Array, y: jax.Array, graphdef: nnx.GraphDef):
-    """Loss of one example (no batch axis on x, y)."""
-    model = nnx.merge(graphdef, params, rest)
-    return models.example_loss(model(x[None]), y[None])[0]
+def _one_loss(params: nnx.State, rest: nnx.State, example: tuple, graphdef: nnx.GraphDef):
+    """Loss of one example (no batch axis)."""
+    return one_loss(nnx.merge(graphdef, params, rest), example)
 
 
-def _flat_grads_fn(params, rest, x_B, y_B, *, graphdef) -> jax.Array:
+def _flat_grads_fn(params, rest, batch, *, graphdef) -> jax.Array:
     """Per-example loss gradients, flattened: [B, P]."""
 
-    def one(x, y):
-        return ravel_pytree(jax.grad(_one_loss)(params, rest, x, y, graphdef))[0]
+    def one(example):
+        return ravel_pytree(jax.grad(_one_loss)(params, rest, example, graphdef))[0]
 
-    return jax.vmap(one)(x_B, y_B)
+    return jax.vmap(one)(batch)
 
 
 _flat_grads = jax.jit(_flat_grads_fn, static_argnames=("graphdef",))
-
-
-def _padded_chunks(n: int, chunk: int) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(start, stop, idx) with idx of fixed length `chunk` (the last one padded by repeats), so
-    every chunk has one shape and compiles once."""
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        idx = np.arange(start, start + chunk)
-        idx[idx >= stop] = stop - 1
-        yield start, stop, idx
 
 
 def _chunk_size(n: int, chunk: int) -> int:
@@ -100,18 +88,16 @@ def _chunk_size(n: int, chunk: int) -> int:
 
 
 def iter_grad_chunks(
-    model: nnx.Module, examples: ExampleSet, chunk_size: int = 32
+    model: nnx.Module, examples: Examples, chunk_size: int = 32
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (start, stop, grads [stop - start, P] float32) over `examples` in chunks."""
     graphdef, params, rest = split_params(model)
-    x, y = np.asarray(examples.inputs), np.asarray(examples.targets)
-    chunk = _chunk_size(len(x), chunk_size)
-    for start, stop, idx in _padded_chunks(len(x), chunk):
-        g = _flat_grads(params, rest, jnp.asarray(x[idx]), jnp.asarray(y[idx]), graphdef=graphdef)
+    for start, stop, batch in batches(examples, _chunk_size(len(examples), chunk_size)):
+        g = _flat_grads(params, rest, batch, graphdef=graphdef)
         yield start, stop, np.asarray(g[: stop - start], dtype=np.float32)
 
 
-def per_example_grads(model: nnx.Module, examples: ExampleSet, chunk_size: int = 32) -> np.ndarray:
+def per_example_grads(model: nnx.Module, examples: Examples, chunk_size: int = 32) -> np.ndarray:
     """All per-example loss gradients [N, P] (float32; only for small N x P)."""
     out = [g for _, _, g in iter_grad_chunks(model, examples, chunk_size)]
     return np.concatenate(out)
@@ -123,35 +109,13 @@ def dot_t(a_NxD: jax.Array, b_QxD: jax.Array) -> jax.Array:
     return jnp.matmul(a_NxD, b_QxD.T, precision=jax.lax.Precision.HIGHEST)
 
 
-def check_queries(train: ExampleSet, queries: ExampleSet) -> None:
-    """Queries must look like the training examples (same per-example shapes, non-empty)."""
-    if len(queries.inputs) == 0:
-        raise ValueError("queries is empty")
-    if len(queries.targets) != len(queries.inputs) or len(queries.ids) != len(queries.inputs):
-        raise ValueError("queries have mismatched inputs / targets / ids lengths")
-    for name in ("inputs", "targets"):
-        a, b = np.shape(getattr(train, name))[1:], np.shape(getattr(queries, name))[1:]
-        if a != b:
-            raise ValueError(f"query {name} have per-example shape {b}, training examples {a}")
-
-
-def check_train(train: ExampleSet) -> None:
-    n = len(train.inputs)
-    if n == 0:
-        raise ValueError("training set is empty")
-    if len(train.targets) != n or len(train.ids) != n:
-        raise ValueError(
-            f"training set has {n} inputs, {len(train.targets)} targets, {len(train.ids)} ids"
-        )
-
-
 # ----------------------------------------------------------------------------- scoring core
 
 
 class _GradientIndex:
     """Training gradients of one model, cached or recomputed in chunks, scored against queries."""
 
-    def __init__(self, model: nnx.Module, train: ExampleSet, chunk_size: int, max_cache_bytes: int):
+    def __init__(self, model: nnx.Module, train: Examples, chunk_size: int, max_cache_bytes: int):
         self.model, self.train, self.chunk_size = model, train, chunk_size
         self.n_params = num_params(model)
         self.max_cache_bytes = max_cache_bytes
@@ -160,7 +124,7 @@ class _GradientIndex:
         if n * self.n_params * 4 <= max_cache_bytes:
             self.cached_NxP = jnp.asarray(per_example_grads(model, train, chunk_size))
 
-    def scores(self, queries: ExampleSet) -> np.ndarray:
+    def scores(self, queries: Examples) -> np.ndarray:
         """[N, Q] = G_train @ G_query^T, chunked so neither [N, P] nor [Q, P] need fit in memory."""
         n, q = len(self.train.inputs), len(queries.inputs)
         out_NxQ = np.zeros((n, q), np.float32)
@@ -177,17 +141,8 @@ class _GradientIndex:
         return out_NxQ
 
 
-class _Rows:
-    """A row slice of an example set (inputs, targets, ids)."""
-
-    def __init__(self, ex: ExampleSet, start: int, stop: int):
-        self.inputs = np.asarray(ex.inputs)[start:stop]
-        self.targets = np.asarray(ex.targets)[start:stop]
-        self.ids = np.asarray(ex.ids)[start:stop]
-
-
-def _slice(ex: ExampleSet, start: int, stop: int) -> Any:
-    return ex if (start == 0 and stop == len(ex.inputs)) else _Rows(ex, start, stop)
+def _slice(ex: Examples, start: int, stop: int) -> Examples:
+    return ex if (start == 0 and stop == len(ex)) else ex[start:stop]
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -210,10 +165,10 @@ class GradDot:
         self.chunk_size = chunk_size
         self.max_cache_bytes = int(max_cache_bytes)
         self._index: _GradientIndex | None = None
-        self._train: ExampleSet | None = None
+        self._train: Examples | None = None
         self.timings: dict[str, float] = {}
 
-    def fit(self, model: nnx.Module, train: ExampleSet) -> "GradDot":
+    def fit(self, model: nnx.Module, train: Examples) -> "GradDot":
         check_train(train)
         t0 = time.perf_counter()
         self._index = _GradientIndex(model, train, self.chunk_size, self.max_cache_bytes)
@@ -221,7 +176,7 @@ class GradDot:
         self.timings["fit"] = time.perf_counter() - t0
         return self
 
-    def attribute(self, queries: ExampleSet) -> Attribution:
+    def attribute(self, queries: Examples) -> Attribution:
         if self._index is None:
             raise RuntimeError(f"call {type(self).__name__}.fit(model, train) before attribute")
         check_queries(self._train, queries)
@@ -261,10 +216,10 @@ class TracIn:
         self.chunk_size = chunk_size
         self.max_cache_bytes = int(max_cache_bytes)
         self._indices: list[_GradientIndex] | None = None
-        self._train: ExampleSet | None = None
+        self._train: Examples | None = None
         self.timings: dict[str, float] = {}
 
-    def fit(self, model: nnx.Module | None, train: ExampleSet) -> "TracIn":
+    def fit(self, model: nnx.Module | None, train: Examples) -> "TracIn":
         check_train(train)
         ckpt_cfg = getattr(self.checkpoints[0][0], "cfg", None)
         if model is not None and getattr(model, "cfg", None) != ckpt_cfg:
@@ -277,7 +232,7 @@ class TracIn:
         self.timings["fit"] = time.perf_counter() - t0
         return self
 
-    def attribute(self, queries: ExampleSet) -> Attribution:
+    def attribute(self, queries: Examples) -> Attribution:
         if self._indices is None:
             raise RuntimeError("call TracIn.fit(model, train) before attribute")
         check_queries(self._train, queries)

@@ -40,10 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stride_jax import models
-from stride_jax.attribution import Attribution, ExampleSet
-from stride_jax.baselines.base import make_attribution
-from stride_jax.baselines.gradients import _padded_chunks, check_queries, check_train, dot_t
+from stride_jax.attribution import Attribution
+from stride_jax.baselines.base import batch_loss, batches, check_queries, check_train, make_attribution
+from stride_jax.baselines.gradients import dot_t
+from stride_jax.data import Examples
 
 __all__ = ["LoGra", "tap_linears", "logra_grads", "layer_paths"]
 
@@ -113,21 +113,20 @@ def tap_linears(model: nnx.Module, layers: Sequence[str] | None = None) -> tuple
     return tapped, names
 
 
-def _forward(deltas, params, rest, x_B, y_B, graphdef):
+def _forward(deltas, params, rest, batch, graphdef):
     tape = _Tape(deltas)
     with _recording(tape):
-        logits = nnx.merge(graphdef, params, rest)(x_B)
+        loss = batch_loss(nnx.merge(graphdef, params, rest), batch).sum()
     n = len(tape.inputs)
-    loss = models.example_loss(logits, y_B).sum()
     return loss, ([tape.inputs[i] for i in range(n)], [tape.outputs[i] for i in range(n)])
 
 
-def _logra_grads_fn(params, rest, x_B, y_B, projs, *, graphdef) -> list[jax.Array]:
+def _logra_grads_fn(params, rest, batch, projs, *, graphdef) -> list[jax.Array]:
     """Per-layer projected per-example gradients, each [B, k_in * k_out]."""
-    _, (_, outs) = jax.eval_shape(lambda: _forward(None, params, rest, x_B, y_B, graphdef))
+    _, (_, outs) = jax.eval_shape(lambda: _forward(None, params, rest, batch, graphdef))
     zeros = [jnp.zeros(o.shape, o.dtype) for o in outs]
-    deltas, (inputs, _) = jax.grad(_forward, has_aux=True)(zeros, params, rest, x_B, y_B, graphdef)
-    B = x_B.shape[0]
+    deltas, (inputs, _) = jax.grad(_forward, has_aux=True)(zeros, params, rest, batch, graphdef)
+    B = batch[0].shape[0]
     out = []
     for x, d, (p_in, p_out) in zip(inputs, deltas, projs, strict=True):
         x_BxSxI = x.reshape(B, -1, x.shape[-1])
@@ -165,7 +164,7 @@ def _projections(model: nnx.Module, names: list[str], rank_in: int | None, rank_
 
 def logra_grads(
     model: nnx.Module,
-    examples: ExampleSet,
+    examples: Examples,
     *,
     rank_in: int | None = None,
     rank_out: int | None = None,
@@ -181,11 +180,9 @@ def logra_grads(
     tapped, names = tap_linears(model, layers)
     projs = _projections(tapped, names, rank_in, rank_out, seed)
     graphdef, params, rest = nnx.split(tapped, nnx.Param, ...)
-    x, y = np.asarray(examples.inputs), np.asarray(examples.targets)
-    chunk = min(chunk_size, len(x))
     per_layer: list[list[np.ndarray]] = [[] for _ in names]
-    for start, stop, idx in _padded_chunks(len(x), chunk):
-        gs = _logra_grads(params, rest, jnp.asarray(x[idx]), jnp.asarray(y[idx]), projs, graphdef=graphdef)
+    for start, stop, batch in batches(examples, chunk_size):
+        gs = _logra_grads(params, rest, batch, projs, graphdef=graphdef)
         for l, g in enumerate(gs):
             per_layer[l].append(np.asarray(g[: stop - start], np.float32))
     return [np.concatenate(p) for p in per_layer], names
@@ -244,15 +241,15 @@ class LoGra:
         self.curvature, self.layers, self.seed, self.chunk_size = curvature, layers, seed, chunk_size
         self.layer_names: list[str] = []
         self._model: nnx.Module | None = None
-        self._train: ExampleSet | None = None
+        self._train: Examples | None = None
         self._pre_NxD: jax.Array | None = None  # preconditioned training gradients
         self.timings: dict[str, float] = {}
 
-    def _grads(self, examples: ExampleSet) -> tuple[list[np.ndarray], list[str]]:
+    def _grads(self, examples: Examples) -> tuple[list[np.ndarray], list[str]]:
         return logra_grads(self._model, examples, rank_in=self.rank_in, rank_out=self.rank_out,
                            layers=self.layers, seed=self.seed, chunk_size=self.chunk_size)
 
-    def fit(self, model: nnx.Module, train: ExampleSet) -> "LoGra":
+    def fit(self, model: nnx.Module, train: Examples) -> "LoGra":
         check_train(train)
         t0 = time.perf_counter()
         self._model = model
@@ -264,7 +261,7 @@ class LoGra:
         self.timings["fit"] = time.perf_counter() - t0
         return self
 
-    def attribute(self, queries: ExampleSet) -> Attribution:
+    def attribute(self, queries: Examples) -> Attribution:
         if self._pre_NxD is None:
             raise RuntimeError("call LoGra.fit(model, train) before attribute")
         check_queries(self._train, queries)

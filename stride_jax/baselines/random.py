@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
-from stride_jax.attribution import Attribution, ExampleSet
+from stride_jax.attribution import Attribution
+from stride_jax.data import Examples
 from stride_jax.baselines.base import make_attribution
 
 
@@ -14,13 +15,13 @@ class RandomAttributor:
 
     def __init__(self, seed: int = 0):
         self.seed = seed
-        self._train: ExampleSet | None = None
+        self._train: Examples | None = None
 
-    def fit(self, model: nnx.Module, train: ExampleSet) -> "RandomAttributor":
+    def fit(self, model: nnx.Module, train: Examples) -> "RandomAttributor":
         self._train = train
         return self
 
-    def attribute(self, queries: ExampleSet) -> Attribution:
+    def attribute(self, queries: Examples) -> Attribution:
         if self._train is None:
             raise RuntimeError("call fit(model, train) first")
         rng = np.random.default_rng(self.seed)

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 from flax import nnx
 
-from stride_jax.attribution import Attribution, ExampleSet
+from stride_jax.attribution import Attribution
+from stride_jax.data import Examples
 from stride_jax.baselines.base import make_attribution
 
 __all__ = ["TfidfSimilarity", "BM25", "tokenize", "Vocabulary"]
@@ -36,7 +37,7 @@ def tokenize(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def _texts_of(examples: ExampleSet, role: str) -> tuple[str, ...]:
+def _texts_of(examples: Examples, role: str) -> tuple[str, ...]:
     texts = getattr(examples, "texts", None)
     if texts is None:
         raise ValueError(f"{role} examples have no texts: text baselines need Examples.texts "
@@ -103,11 +104,11 @@ class _TextAttributor:
     name = "text"
 
     def __init__(self) -> None:
-        self._train: ExampleSet | None = None
+        self._train: Examples | None = None
         self._vocab: Vocabulary | None = None
         self.timings: dict[str, float] = {}
 
-    def fit(self, model: nnx.Module | None, train: ExampleSet) -> "_TextAttributor":
+    def fit(self, model: nnx.Module | None, train: Examples) -> "_TextAttributor":
         """Index the training passages (`model` is unused: lexical methods ignore the model)."""
         t0 = time.perf_counter()
         docs = [tokenize(t) for t in _texts_of(train, "training")]
@@ -119,7 +120,7 @@ class _TextAttributor:
         self.timings["fit"] = time.perf_counter() - t0
         return self
 
-    def attribute(self, queries: ExampleSet) -> Attribution:
+    def attribute(self, queries: Examples) -> Attribution:
         if self._vocab is None:
             raise RuntimeError(f"call {type(self).__name__}.fit(model, train) before attribute")
         t0 = time.perf_counter()

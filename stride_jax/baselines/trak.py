@@ -38,10 +38,10 @@ import numpy as np
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from stride_jax import models
-from stride_jax.attribution import Attribution, ExampleSet
-from stride_jax.baselines.base import make_attribution
-from stride_jax.baselines.gradients import _padded_chunks, check_queries, check_train, dot_t, split_params
+from stride_jax.attribution import Attribution
+from stride_jax.baselines.base import batches, check_queries, check_train, make_attribution, one_loss
+from stride_jax.baselines.gradients import dot_t, split_params
+from stride_jax.data import Examples
 
 __all__ = ["TRAK", "Projector", "trak_features", "features_with", "rademacher_block", "BLOCK_ROWS"]
 
@@ -67,24 +67,27 @@ def _dense_projection(key: jax.Array, n_blocks: int, k: int) -> jax.Array:
 _dense_projection_jit = jax.jit(_dense_projection, static_argnames=("n_blocks", "k"))
 
 
-def _output_fn(params, rest, x, y, graphdef, classification: bool) -> jax.Array:
-    """f for one example: the margin (classifier) or the mean token loss (LM)."""
-    logits = nnx.merge(graphdef, params, rest)(x[None])[0]
+def _output_fn(params, rest, example, graphdef, classification: bool) -> jax.Array:
+    """f for one example: the margin (classifier) or the (masked) mean token loss (LM)."""
+    model = nnx.merge(graphdef, params, rest)
     if classification:
+        x, y = example[0], example[1]
+        logits = model(x[None])[0]
         others = logits.at[y].set(-jnp.inf)
         return logits[y] - jax.nn.logsumexp(others)
-    return models.example_loss(logits[None], y[None])[0]
+    return one_loss(model, example)
 
 
-def _features_fn(params, rest, x_B, y_B, key, proj_PxK, *, graphdef, classification, k, n_blocks):
+def _features_fn(params, rest, batch, key, proj_PxK, *, graphdef, classification, k, n_blocks):
     """phi [B, k] (or grad f [B, P] when k is None) and Q [B]."""
 
-    def one(x, y):
-        g = jax.grad(_output_fn)(params, rest, x, y, graphdef, classification)
+    def one(example):
+        g = jax.grad(_output_fn)(params, rest, example, graphdef, classification)
         return ravel_pytree(g)[0]
 
-    g_BxP = jax.vmap(one)(x_B, y_B)
-    logits = nnx.merge(graphdef, params, rest)(x_B)
+    g_BxP = jax.vmap(one)(batch)
+    x_B, y_B = batch[0], batch[1]
+    logits = nnx.merge(graphdef, params, rest)(x_B, batch[2])
     if classification:
         p_B = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), y_B[:, None], axis=1)[:, 0]
         q_B = 1.0 - p_B
@@ -121,17 +124,14 @@ class Projector:
             self.dense_PxK = _dense_projection_jit(self.key, n_blocks=self.n_blocks, k=proj_dim)
 
 
-def features_with(model: nnx.Module, examples: ExampleSet, projector: Projector,
+def features_with(model: nnx.Module, examples: Examples, projector: Projector,
                   chunk_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(phi [N, k] float32, Q [N]) of `examples` under `model` with a given projector."""
     graphdef, params, rest = split_params(model)
-    x, y = np.asarray(examples.inputs), np.asarray(examples.targets)
-    chunk = min(chunk_size, len(x))
     phis, qs = [], []
-    for start, stop, idx in _padded_chunks(len(x), chunk):
-        phi, q = _features(params, rest, jnp.asarray(x[idx]), jnp.asarray(y[idx]), projector.key,
-                           projector.dense_PxK, graphdef=graphdef, classification=y.ndim == 1,
-                           k=projector.k, n_blocks=projector.n_blocks)
+    for start, stop, batch in batches(examples, chunk_size):
+        phi, q = _features(params, rest, batch, projector.key, projector.dense_PxK, graphdef=graphdef,
+                           classification=examples.targets.ndim == 1, k=projector.k, n_blocks=projector.n_blocks)
         phis.append(np.asarray(phi[: stop - start], np.float32))
         qs.append(np.asarray(q[: stop - start], np.float32))
     return np.concatenate(phis), np.concatenate(qs)
@@ -139,7 +139,7 @@ def features_with(model: nnx.Module, examples: ExampleSet, projector: Projector,
 
 def trak_features(
     model: nnx.Module,
-    examples: ExampleSet,
+    examples: Examples,
     proj_dim: int | None,
     seed: int = 0,
     *,
@@ -152,7 +152,7 @@ def trak_features(
     return features_with(model, examples, projector, chunk_size)
 
 
-def _train_ensemble(model: nnx.Module, train: ExampleSet, n: int, train_config, seed: int) -> list:
+def _train_ensemble(model: nnx.Module, train: Examples, n: int, train_config, seed: int) -> list:
     from stride_jax import train as train_lib
 
     if n and train_config is None:
@@ -216,13 +216,13 @@ class TRAK:
         self._kernels_NxK: list[jax.Array] = []  # Phi_m (Phi_m^T Phi_m + lambda I)^-1
         self._projectors: list[Projector] = []
         self._q_N: np.ndarray | None = None
-        self._train: ExampleSet | None = None
+        self._train: Examples | None = None
         self.timings: dict[str, float] = {}
 
-    def _features(self, m: int, examples: ExampleSet) -> tuple[np.ndarray, np.ndarray]:
+    def _features(self, m: int, examples: Examples) -> tuple[np.ndarray, np.ndarray]:
         return features_with(self.models[m], examples, self._projectors[m], self.chunk_size)
 
-    def fit(self, model: nnx.Module, train: ExampleSet) -> "TRAK":
+    def fit(self, model: nnx.Module, train: Examples) -> "TRAK":
         check_train(train)
         t0 = time.perf_counter()
         retrained = _train_ensemble(model, train, self.n_retrain, self.train_config, self.retrain_seed)
@@ -246,7 +246,7 @@ class TRAK:
         self.timings["fit"] = time.perf_counter() - t0
         return self
 
-    def attribute(self, queries: ExampleSet) -> Attribution:
+    def attribute(self, queries: Examples) -> Attribution:
         if self._q_N is None:
             raise RuntimeError("call TRAK.fit(model, train) before attribute")
         check_queries(self._train, queries)

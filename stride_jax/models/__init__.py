@@ -52,6 +52,8 @@ __all__ = [
     "save_model",
     "load_model",
     "is_sequence_model",
+    "check_examples",
+    "context_length",
     "param_digest",
 ]
 
@@ -113,6 +115,51 @@ def example_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array | None =
         raise ValueError(f"loss mask {mask.shape} does not match targets {targets.shape}")
     w = mask.reshape(mask.shape[0], -1).astype(jnp.float32)
     return (ce * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1e-9)
+
+
+def context_length(cfg: ModelConfig) -> int | None:
+    """The longest sequence a token model accepts (None for classifiers)."""
+    for name in ("seq_len", "max_len"):
+        if hasattr(cfg, name):
+            return int(getattr(cfg, name))
+    return None
+
+
+def check_examples(cfg: ModelConfig, examples: Any) -> None:
+    """Raise ValueError, naming the problem, unless `examples` fit the model of config `cfg`.
+
+    Token models: integer inputs and targets [N, T] with T <= the context and ids in
+    [0, vocab_size). Classifiers: float features [N, in_dim] and labels in [0, n_classes).
+    """
+    x, y = np.asarray(examples.inputs), np.asarray(examples.targets)
+    n = len(x)
+    if n == 0:
+        raise ValueError("examples is empty")
+    if len(y) != n:
+        raise ValueError(f"{n} inputs but {len(y)} targets")
+    if hasattr(cfg, "vocab_size"):
+        if x.ndim != 2 or y.shape != x.shape:
+            raise ValueError(f"LM examples need inputs and targets [N, T], got {x.shape}, {y.shape}")
+        context = context_length(cfg)
+        if context is not None and x.shape[1] > context:
+            raise ValueError(f"examples have length {x.shape[1]}, longer than the model's context of {context}")
+        for name, a in (("inputs", x), ("targets", y)):
+            if not np.issubdtype(a.dtype, np.integer):
+                raise ValueError(f"LM {name} must be integer token ids, got {a.dtype}")
+            if a.min() < 0 or a.max() >= cfg.vocab_size:
+                raise ValueError(f"{name} token ids span [{a.min()}, {a.max()}], outside the model's "
+                                 f"vocabulary [0, {cfg.vocab_size})")
+    else:
+        in_dim, n_classes = getattr(cfg, "in_dim", None), getattr(cfg, "out_dim", getattr(cfg, "n_classes", None))
+        if x.ndim != 2 or (in_dim is not None and x.shape[1] != in_dim):
+            raise ValueError(f"classifier inputs must be [N, {in_dim}] features, got {x.shape}")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"classifier inputs must be float features, got {x.dtype}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"classifier inputs hold {int((~np.isfinite(x)).sum())} NaN/inf values")
+        if y.shape != (n,) or (n_classes is not None and (y.min() < 0 or y.max() >= n_classes)):
+            raise ValueError(f"classifier targets must be [N] labels in [0, {n_classes}), got shape {y.shape} "
+                             f"and range [{y.min()}, {y.max()}]")
 
 
 def _build_with_key(cfg: ModelConfig, key: jax.Array) -> nnx.Module:

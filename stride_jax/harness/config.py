@@ -1,0 +1,313 @@
+"""One experiment schema for every paper artefact (YAML/JSON, strictly checked).
+
+    name: pretrain_lds                 # results file stem
+    task: {kind: lm, ...}              # what to prepare: data, base model, ground truth (tasks.py)
+    cells:                             # optional named variations of the task (sizes, recipes)
+      - {name: 0.2M, task: {model: {d_model: 64}}}
+    stride: {...}                      # StrideConfig shared by every STRIDE method and variant
+    methods: [stride, graddot, {name: stride-tuned, method: stride, stride: {...}, cells: [2.2M]}]
+    variants: {name: stride overrides} # a sweep sharing fits; LDS on validation (and test) queries
+    grid: {design.n_subsets: [...]}    # more variants: the Cartesian product of dotted overrides
+    select: {...}                      # choose STRIDE per group by validation LDS -> stride-<group>
+    isolate: false                     # each method in its own process (its own peak memory)
+    cost_n: {...}                      # time the methods at other pool sizes
+    counterfactual: {...}              # remove top-k, retrain (classifier tasks)
+
+Every section is a frozen dataclass; `ExperimentConfig.from_dict` rejects unknown keys and
+wrongly typed values before anything runs, and `validate` checks what can be checked from the
+config alone (method names, cells, STRIDE overrides) so a bad config fails in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Literal
+
+from stride_jax import groundtruth as gt_lib
+from stride_jax import tabular
+from stride_jax import train as train_lib
+from stride_jax.config import StrideConfig, from_dict, merge, to_dict
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class LMData:
+    """The shipped corpus: chunks of `seq_len` tokens per source and split."""
+
+    sources: tuple[str, ...] = ("austen", "shakespeare", "bible")
+    seq_len: int = 64
+    train_per_source: int = 256
+    val_queries_per_source: int = 20
+    test_queries_per_source: int = 40
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LMModel:
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LMTask:
+    """Pretraining pool: a nanochat-style GPT trained from scratch on the pool; ground truth
+    retrains from scratch on alpha-subsets."""
+
+    kind: Literal["lm"] = "lm"
+    data: LMData = LMData()
+    model: LMModel = LMModel()
+    pretrain: train_lib.TrainConfig = train_lib.TrainConfig(epochs=4.0)
+    retrain: train_lib.TrainConfig = train_lib.TrainConfig(epochs=3.0)
+    groundtruth: gt_lib.GroundTruthConfig = gt_lib.GroundTruthConfig()
+    alphas: tuple[float, ...] = ()  # () = the single groundtruth.alpha, its seed as given
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierModel:
+    """"mlp" (ReLU MLP, `hidden` widths) or "conv" (`channels` conv stages with `pool` flags,
+    then `hidden` dense widths; image data only)."""
+
+    kind: Literal["mlp", "conv"] = "mlp"
+    hidden: tuple[int, ...] = (128, 128)
+    channels: tuple[int, ...] = (8, 16)
+    pool: tuple[bool, ...] = (True, False)
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierTask:
+    """A bundled data set x classifier, one training recipe for the base model and every retrain."""
+
+    kind: Literal["classifier"] = "classifier"
+    dataset: str = "digits"
+    model: ClassifierModel = ClassifierModel()
+    split: tabular.SplitConfig = tabular.SplitConfig()
+    train: train_lib.TrainConfig = train_lib.TrainConfig(learning_rate=3e-3, epochs=20.0, batch_size=32,
+                                                         weight_decay=1.0, scan_steps=64)
+    groundtruth: gt_lib.GroundTruthConfig = gt_lib.GroundTruthConfig(n_subsets=256, seeds_per_subset=4,
+                                                                     models_per_chunk=64)
+    alphas: tuple[float, ...] = (0.3,)  # each with its own subset seed (groundtruth.seed + 1000 alpha)
+
+    def __post_init__(self) -> None:
+        if self.dataset not in tabular.DATASETS:
+            raise ValueError(f"task.dataset must be one of {tabular.DATASETS}, got {self.dataset!r}")
+        if self.model.kind == "conv" and self.dataset not in tabular.IMAGE_SHAPE:
+            raise ValueError(f"a conv model needs image data; {self.dataset!r} is not an image data set")
+
+
+TASKS = {"lm": LMTask, "classifier": ClassifierTask}
+Task = LMTask | ClassifierTask
+
+
+def task_from_dict(d: Any) -> Task:
+    if isinstance(d, (LMTask, ClassifierTask)):
+        return d
+    if not isinstance(d, dict):
+        raise TypeError(f"task must be a mapping, got {type(d).__name__}")
+    kind = d.get("kind", "lm")
+    if kind not in TASKS:
+        raise ValueError(f"task.kind must be one of {sorted(TASKS)}, got {kind!r}")
+    return from_dict(TASKS[kind], d, "task")
+
+
+# ----------------------------------------------------------------------------- experiment sections
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """A named variation of the task (a model size, a training recipe)."""
+
+    name: str
+    task: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stride: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of the base STRIDE config
+    groups: dict[str, Any] = dataclasses.field(default_factory=dict)  # per select group, more overrides
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A method row: `method` names a registry entry (default: `name`); `params` go to its
+    constructor; `stride` overrides the experiment's STRIDE config; `cells` limits where it runs."""
+
+    name: str
+    method: str = ""
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stride: dict[str, Any] = dataclasses.field(default_factory=dict)
+    cells: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return self.method or self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Select:
+    """Choose STRIDE per group by validation LDS at `alpha`: each group's overrides are applied to
+    every variant (`only` limits a group to some variants); the winner becomes `stride-<group>`."""
+
+    groups: dict[str, Any] = dataclasses.field(default_factory=lambda: {"": {}})
+    only: dict[str, Any] = dataclasses.field(default_factory=dict)  # group -> [variant names]
+    alpha: float | None = None  # None: the task's first alpha
+    n_boot: int = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class CostN:
+    """Seconds and peak memory of each method at other pool sizes (no ground truth needed)."""
+
+    cell: str = ""  # "" = the first cell
+    train_per_source: tuple[int, ...] = (128, 256, 512)
+    methods: tuple[str, ...] = ()  # () = every method of the experiment
+
+
+@dataclasses.dataclass(frozen=True)
+class Counterfactual:
+    """Removal check: `n_queries` test queries, `n_seeds` retrains per (method, query, k)."""
+
+    ks: tuple[int, ...] = ()  # () = log-spaced up to a third of the pool
+    n_queries: int = 12
+    n_seeds: int = 2
+    methods: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    task: Any = LMTask()
+    cells: tuple[Cell, ...] = ()
+    stride: StrideConfig = StrideConfig.preset("lm")
+    methods: tuple[MethodSpec, ...] = ()
+    variants: dict[str, Any] = dataclasses.field(default_factory=dict)
+    grid: dict[str, Any] = dataclasses.field(default_factory=dict)
+    select: Select | None = None
+    isolate: bool = False
+    n_boot: int = 1000
+    split: Literal["test", "val"] = "test"  # which queries the method table reports
+    show_examples: int = 0  # queries whose top training examples the report prints
+    cost_n: CostN | None = None
+    counterfactual: Counterfactual | None = None
+    paper: str = ""  # "pretrain" | "small_models": the paper's table beside ours
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
+        if not isinstance(d, dict):
+            raise TypeError(f"an experiment config must be a mapping, got {type(d).__name__}")
+        d = dict(d)
+        task = task_from_dict(d.pop("task", {}))
+        methods = tuple(_method(m) for m in d.pop("methods", ()))
+        cells = tuple(from_dict(Cell, c, f"cells[{i}]") for i, c in enumerate(d.pop("cells", ())))
+        cfg = from_dict(cls, {**d, "methods": [], "cells": []})
+        cfg = dataclasses.replace(cfg, task=task, methods=methods, cells=cells)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    # -- derived -----------------------------------------------------------------------------
+    def cell_names(self) -> list[str]:
+        return [c.name for c in self.cells] or [""]
+
+    def task_for(self, cell: str, **data_overrides: Any) -> Task:
+        """The task of one cell (its overrides applied), optionally with other data settings."""
+        base = to_dict(self.task)
+        c = next((c for c in self.cells if c.name == cell), None)
+        if c is not None:
+            base = merge(base, c.task)
+        if data_overrides:
+            base = merge(base, {"data": data_overrides})
+        return task_from_dict(base)
+
+    def stride_for(self, cell: str, spec: MethodSpec | None = None) -> StrideConfig:
+        cfg = self.stride
+        c = next((c for c in self.cells if c.name == cell), None)
+        if c is not None and c.stride:
+            cfg = cfg.replace(**c.stride)
+        if spec is not None and spec.stride:
+            cfg = cfg.replace(**spec.stride)
+        return cfg
+
+    def all_variants(self) -> dict[str, dict[str, Any]]:
+        """`variants` plus the grid's Cartesian product (invalid combinations are dropped later).
+
+        A grid key "section.field" takes a list of values; "a.x,b.y" takes a list of [x, y]
+        pairs that vary together (e.g. K and subsets_per_step = K).
+        """
+        out = dict(self.variants)
+        if self.grid:
+            keys = list(self.grid)
+            for values in itertools.product(*(self.grid[k] for k in keys)):
+                override: dict[str, Any] = {}
+                names = []
+                for key, v in zip(keys, values):
+                    fields = key.split(",")
+                    vals = list(v) if len(fields) > 1 else [v]
+                    if len(vals) != len(fields):
+                        raise ValueError(f"grid key {key!r} needs lists of {len(fields)} values, got {v!r}")
+                    for field_path, val in zip(fields, vals):
+                        section, _, field = field_path.strip().partition(".")
+                        override = merge(override, {section: {field: val}})
+                    names.append(f"{fields[0].split('.')[-1]}={vals[0]}")
+                out[" ".join(names)] = override
+        return out
+
+    def validate(self) -> None:
+        """Everything checkable from the config alone (before data, models or compiles)."""
+        from stride_jax.harness.methods import REGISTRY
+
+        names = [c.name for c in self.cells]
+        if len(set(names)) != len(names) or any(not n for n in names):
+            raise ValueError(f"cell names must be unique and non-empty, got {names}")
+        for c in self.cells:
+            self.task_for(c.name)
+            self.stride_for(c.name)
+        seen = set()
+        for m in self.methods:
+            if m.kind not in REGISTRY:
+                raise ValueError(f"unknown method {m.kind!r} (row {m.name!r}); known: {sorted(REGISTRY)}")
+            if m.name in seen:
+                raise ValueError(f"method name {m.name!r} appears twice")
+            seen.add(m.name)
+            bad = sorted(set(m.cells) - set(names))
+            if bad:
+                raise ValueError(f"method {m.name!r} names unknown cells {bad}; cells: {names}")
+            for cell in m.cells or self.cell_names():
+                self.stride_for(cell, m)
+        for name, override in self.all_variants().items():
+            if not isinstance(override, dict):
+                raise TypeError(f"variant {name!r} must map sections to overrides, got {override!r}")
+            try:
+                self.stride.replace(**override)
+            except ValueError as e:
+                if "must be <=" not in str(e) and "too large" not in str(e):  # grid corners are skipped
+                    raise ValueError(f"variant {name!r}: {e}") from e
+        if self.select is not None:
+            if not self.all_variants():
+                raise ValueError("select needs variants (or a grid) to choose from")
+            for group, names_ in self.select.only.items():
+                if group not in self.select.groups:
+                    raise ValueError(f"select.only names unknown group {group!r}")
+                unknown = sorted(set(names_) - set(self.all_variants()))
+                if unknown:
+                    raise ValueError(f"select.only[{group!r}] names unknown variants {unknown}")
+        if self.cost_n is not None:
+            if self.cost_n.cell and self.cost_n.cell not in names:
+                raise ValueError(f"cost_n.cell {self.cost_n.cell!r} is not one of the cells {names}")
+            unknown = sorted(set(self.cost_n.methods) - {m.name for m in self.methods})
+            if unknown:
+                raise ValueError(f"cost_n.methods names unknown methods {unknown}")
+        if self.n_boot < 1:
+            raise ValueError(f"n_boot must be >= 1, got {self.n_boot}")
+
+
+def _method(m: Any) -> MethodSpec:
+    if isinstance(m, str):
+        return MethodSpec(name=m)
+    if isinstance(m, dict):
+        return from_dict(MethodSpec, m, f"method {m.get('name', '?')!r}")
+    raise TypeError(f"a method is a name or a mapping, got {m!r}")

@@ -1,0 +1,217 @@
+"""Run an experiment config end to end: prepare each cell, sweep, select, score, report.
+
+    stride-jax run experiments/configs/pretrain_lds.yaml --out runs/pretrain
+
+For every cell (or the task itself): prepare data, base model and ground truth (`tasks`); run
+the STRIDE variants (`sweep`, shared fits) and, with `select`, choose STRIDE per group on
+validation queries; run every method (`runner`, optionally in its own process); score all of
+them by LDS with intervals against the ground truth, with the noise ceiling; then the cost in
+n and the counterfactual check when configured; write json + markdown + png (`report`).
+Everything is resumable from `out`, which is locked while the run uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stride_jax import store
+from stride_jax.config import merge, to_dict
+from stride_jax.harness import counterfactual as cf_lib
+from stride_jax.harness import report as report_lib
+from stride_jax.harness import runner, sweep
+from stride_jax.harness import tasks as tasks_lib
+from stride_jax.harness.config import ClassifierTask, ExperimentConfig, MethodSpec
+
+log = logging.getLogger("stride_jax")
+
+
+def _cell_dir(out: Path, cell: str) -> Path:
+    return out / cell if cell else out
+
+
+def _lds_rows(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, name: str, scores: np.ndarray,
+              record: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for alpha in tasks_lib.alphas(p.task):
+        rows.append({"cell": cell, "method": name, "alpha": float(alpha),
+                     "lds": p.lds(scores, cfg.split, alpha, cfg.n_boot),
+                     "lds_validation": p.lds(scores, "val", alpha, min(cfg.n_boot, 200)),
+                     "seconds": record.get("seconds", {}),
+                     **{k: record[k] for k in ("peak_memory_bytes", "load_memory_bytes", "memory_kind",
+                                               "not_converged") if k in record}})
+    return rows
+
+
+def _variants(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, run_dir: Path, progress: bool):
+    """Variant rows, selection records and the chosen methods' (scores, record) of one cell."""
+    variants = cfg.all_variants()
+    rows, selection, chosen = [], [], {}
+    if not variants:
+        return rows, selection, chosen
+    groups = cfg.select.groups if cfg.select is not None else {"": {}}
+    alpha = cfg.select.alpha if cfg.select is not None else None
+    n_boot = cfg.select.n_boot if cfg.select is not None else min(cfg.n_boot, 200)
+    for group, override in groups.items():
+        names = (cfg.select.only.get(group) if cfg.select is not None else None) or list(variants)
+        cell_cfg = next((c for c in cfg.cells if c.name == cell), None)
+        if cell_cfg is not None and group in cell_cfg.groups:
+            override = merge(override, cell_cfg.groups[group])
+        configs = sweep.variant_configs(cfg.stride_for(cell), {n: variants[n] for n in names}, override,
+                                        n_train=len(p.train))
+        t0 = time.perf_counter()
+        results = sweep.run_variants(p, configs, run_dir / "sweep" / (group or "stride"), progress=progress)
+        val = {}
+        for name, r in results.items():
+            row = {"cell": cell, "group": group, "variant": name, "override": variants[name], "seconds": r.seconds,
+                   "error": r.error}
+            if r.attr is not None:
+                row["lds_val"] = p.lds(r.attr.scores, "val", alpha, n_boot)
+                val[name] = row["lds_val"]["mean"]
+                if cfg.select is None and cfg.split == "test":  # a pure sweep / ablation reports test too
+                    row["lds_test"] = p.lds(r.attr.scores, "test", alpha, cfg.n_boot)
+                row["not_converged"] = r.attr.n_not_converged
+                test = r.attr.scores[:, p.test_cols]
+                row["nnz_median"] = float(np.median((test != 0).sum(axis=0)))
+            else:
+                log.warning("[%s] variant %r: %s", cell or cfg.name, name, r.error)
+            rows.append(row)
+        if cfg.select is not None:
+            finite = {k: v for k, v in val.items() if v is not None and np.isfinite(v)}
+            if not finite:
+                raise RuntimeError(f"every STRIDE variant failed for cell {cell!r} group {group!r}")
+            best = max(finite, key=finite.get)
+            method = f"stride-{group}" if group else "stride"
+            selection.append({"cell": cell, "group": group, "chosen": best, "val_lds": finite[best],
+                              "grid_seconds": round(time.perf_counter() - t0, 1),
+                              "settings": to_dict(results[best].cfg)})
+            chosen[method] = (results[best].attr, {"seconds": results[best].seconds,
+                                                   "not_converged": results[best].attr.n_not_converged})
+            log.info("[%s] %s: chose %r (validation LDS %.3f of %d variants)", cell or cfg.name, method, best,
+                     finite[best], len(finite))
+    return rows, selection, chosen
+
+
+def _examples(p: tasks_lib.Prepared, cell: str, name: str, scores: np.ndarray, n: int, k: int = 3):
+    out = []
+    texts_train, texts_q = p.train.texts, p.queries.texts
+    for q in p.test_cols[:n]:
+        col = scores[:, q]
+        top, bottom = np.argsort(-col, kind="stable")[:k], np.argsort(col, kind="stable")[:k]
+        text = lambda i: texts_train[i] if texts_train else None
+        out.append({"cell": cell, "method": name, "query": texts_q[q] if texts_q else None,
+                    "helpful": [{"score": float(col[i]), "text": text(i)} for i in top],
+                    "harmful": [{"score": float(col[i]), "text": text(i)} for i in bottom]})
+    return out
+
+
+def _counterfactual(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, scored: dict[str, np.ndarray],
+                    run_dir: Path, results_dir: Path) -> dict[str, Any]:
+    c = cfg.counterfactual
+    cols = p.test_cols[: c.n_queries]
+    names = [m for m in (c.methods or list(scored)) if m in scored and m != "random"]
+    n = len(p.train)
+    ks = c.ks or tuple(sorted({int(round(k)) for k in np.geomspace(max(1, round(0.01 * n)),
+                                                                     min(n // 3, n - p.train_cfg.batch_size), 6)}))
+    key = store.fingerprint([to_dict(c), names, list(ks)] + [store.digest([scored[m][:, cols]]) for m in names])
+    cache = run_dir / f"counterfactual_{key[:12]}.npz"
+    if cache.exists():
+        res = cf_lib.CounterfactualResult.load(cache)
+    else:
+        res = cf_lib.counterfactual_removal(p.model.cfg, p.train_cfg, p.train, p.queries[cols],
+                                            {m: scored[m][:, cols] for m in names}, ks, n_seeds=c.n_seeds,
+                                            seed=c.seed)
+        res.save(cache)
+    png = cf_lib.plot_counterfactual(res, results_dir / f"{cfg.name}_counterfactual_{cell or 'task'}.png",
+                                     title=f"{cell or cfg.name}: remove top-k, retrain ({len(cols)} test queries, "
+                                           f"{c.n_seeds} seeds)")
+    return {"cell": cell, **res.to_dict(), "png": png.name}
+
+
+def _cost_n(cfg: ExperimentConfig, out: Path, progress: bool) -> list[dict[str, Any]]:
+    c = cfg.cost_n
+    cell = c.cell or cfg.cell_names()[0]
+    specs = [m for m in cfg.methods if (not c.methods or m.name in c.methods) and (not m.cells or cell in m.cells)]
+    rows = []
+    for per_source in c.train_per_source:
+        task = cfg.task_for(cell, train_per_source=per_source)
+        run_dir = out / "cost_n" / f"{cell or 'task'}-{per_source}"
+        store.check_writable_dir(run_dir)
+        tasks_lib.load(task, run_dir, progress=progress)  # base model, once
+        for spec in specs:
+            res = runner.run_method(task, run_dir, spec, cfg.stride_for(cell, spec), isolate=cfg.isolate,
+                                    progress=progress)
+            if res is None:
+                continue
+            _, rec = res
+            rows.append({"cell": cell, "method": spec.name, "n": rec["n_train"], "n_queries": rec["n_queries"],
+                         "seconds": rec["seconds"],
+                         **{k: rec[k] for k in ("peak_memory_bytes", "load_memory_bytes") if k in rec}})
+            log.info("[cost n=%d] %s %.1f s", rec["n_train"], spec.name, rec["seconds"]["total"])
+    return rows
+
+
+def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None = None, *, progress: bool = True,
+        command: str = "") -> dict[str, Any]:
+    """Every stage of `cfg` (resuming from `out`); writes the report; returns it."""
+    out = store.check_writable_dir(out, "output directory")
+    results_dir = Path(results_dir) if results_dir is not None else out
+    command = command or f"stride-jax run <config> --out {out}"
+    t_start = time.perf_counter()
+    with store.Lock(out):
+        report: dict[str, Any] = {"rows": [], "variants": [], "selection": [], "cells": [], "counterfactual": [],
+                                  "examples": [], "config": cfg.to_dict()}
+        prepared = {}
+        for cell in cfg.cell_names():  # ground truth of every cell first: the long, resumable part
+            log.info("[%s] data, base model and ground truth", cell or cfg.name)
+            prepared[cell] = tasks_lib.prepare(cfg.task_for(cell), _cell_dir(out, cell), progress=progress)
+        for cell, p in prepared.items():
+            run_dir = _cell_dir(out, cell)
+            task = p.task
+            report["cells"].append({
+                "cell": cell, **p.info, "prepare_seconds": {k: round(v, 1) for k, v in p.seconds.items()},
+                "groundtruth": {str(a): to_dict(tasks_lib.groundtruth_config(task, a)) for a in tasks_lib.alphas(task)},
+                "noise_ceiling": {str(a): p.noise_ceiling(cfg.split, a, cfg.n_boot) for a in tasks_lib.alphas(task)},
+            })
+            log.info("[%s] %s parameters, %d training examples, noise ceiling %s", cell or cfg.name,
+                     f"{p.info['params']:,}", p.info["n_train"],
+                     {a: round(c.get("mean", float("nan")), 3) for a, c in report["cells"][-1]["noise_ceiling"].items()})
+            variant_rows, selection, chosen = _variants(p, cfg, cell, run_dir, progress)
+            report["variants"] += variant_rows
+            report["selection"] += selection
+            scored: dict[str, np.ndarray] = {}
+            for name, (attr, rec) in chosen.items():
+                report["rows"] += _lds_rows(p, cfg, cell, name, attr.scores, rec)
+                scored[name] = attr.scores
+            for spec in cfg.methods:
+                if spec.cells and cell not in spec.cells:
+                    continue
+                res = runner.run_method(task, run_dir, spec, cfg.stride_for(cell, spec), isolate=cfg.isolate,
+                                        progress=progress)
+                if res is None:
+                    continue
+                attr, rec = res
+                rows = _lds_rows(p, cfg, cell, spec.name, attr.scores, rec)
+                report["rows"] += rows
+                scored[spec.name] = attr.scores
+                log.info("[%s] %-14s LDS %.3f %s  %.1f s", cell or cfg.name, spec.name, rows[0]["lds"]["mean"],
+                         [round(x, 3) for x in rows[0]["lds"]["ci95"]], rec["seconds"].get("total", 0.0))
+            if cfg.counterfactual is not None:
+                if not isinstance(task, ClassifierTask):
+                    raise ValueError("counterfactual removal is implemented for classifier tasks")
+                report["counterfactual"].append(_counterfactual(p, cfg, cell, scored, run_dir, results_dir))
+            if cfg.show_examples and scored:
+                name = "stride" if "stride" in scored else next(iter(scored))
+                report["examples"] += _examples(p, cell, name, scored[name], cfg.show_examples)
+        report["cost_n"] = _cost_n(cfg, out, progress) if cfg.cost_n is not None else []
+        report["wall_seconds_this_invocation"] = round(time.perf_counter() - t_start, 1)
+        report_lib.write(report, results_dir, command)
+        store.write_json(out / "config.json", cfg.to_dict())
+    return report
+
+
+__all__ = ["run"]

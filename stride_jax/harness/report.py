@@ -1,0 +1,249 @@
+"""One report writer: `<name>.json` (everything), `<name>.md` (tables) and `<name>.png` (plots).
+
+The json holds `rows` (one per cell, method and alpha: LDS on test and validation queries with
+intervals and NaN counts, seconds per stage, peak memory), `variants`, `selection`,
+`noise_ceiling`, `cells`, `cost_n`, `counterfactual`, the resolved config, machine and date.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stride_jax import store
+
+# The paper's tables (STRIDE.md section 4), printed beside ours.
+PAPER = {
+    "pretrain": {
+        "title": "nanochat on Nemotron-ClimbMix, 500 held-out queries, LDS (AirRep did not finish at 1.38B; "
+                 "runtime at 1.38B: STRIDE 9.9 h / 8.4 GiB, LoGra 52.3 h)",
+        "columns": ["286M", "537M", "897M", "1.38B"],
+        "rows": {"STRIDE": [0.158, 0.179, 0.160, 0.167], "AirRep": [0.141, 0.159, 0.144, None],
+                 "LoGra": [0.113, 0.127, 0.114, 0.114], "GTE (embedding similarity)": [0.101, 0.113, 0.103, 0.128],
+                 "TF-IDF": [0.084, 0.095, 0.086, 0.089], "random-ish (RDS)": [0.069, 0.075, 0.070, 0.074]},
+    },
+    "small_models": {
+        "title": "small models with explicit retraining, LDS (other data sets; alpha not stated)",
+        "columns": ["STRIDE", "TRAK", "TracIn", "LoGra", "feature similarity"],
+        "rows": {"MNIST MLP": [0.417, 0.012, 0.169, 0.303, 0.063],
+                 "FashionMNIST MLP": [0.231, 0.198, 0.083, 0.123, -0.008],
+                 "Parkinsons tabular MLP": [0.536, -0.007, 0.399, 0.405, 0.108],
+                 "CIFAR-10 ResNet-9": [0.130, 0.002, 0.172, 0.285, 0.029]},
+    },
+}
+
+
+def machine() -> str:
+    import jax
+
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+    return (f"{os.cpu_count()} x {cpu}, backend {jax.default_backend()} ({devices}), jax {jax.__version__}, "
+            f"python {platform.python_version()}")
+
+
+def fmt_lds(l: dict[str, Any] | None) -> str:
+    if not l or "mean" not in l or l["mean"] is None:
+        return "-"
+    nan = f", {l['n_nan']} NaN" if l.get("n_nan") else ""
+    return f"{l['mean']:.3f} [{l['ci95'][0]:.3f}, {l['ci95'][1]:.3f}]{nan}"
+
+
+def _mib(b: Any) -> str:
+    return "-" if b is None else f"{b / 2**20:.0f}"
+
+
+def _cell_label(cell: str) -> str:
+    return cell or "-"
+
+
+def markdown(report: dict[str, Any], command: str) -> str:
+    cfg = report["config"]
+    cells = [c["cell"] for c in report["cells"]]
+    alphas = sorted({r["alpha"] for r in report["rows"]}) or [None]
+    split = cfg.get("split", "test")
+    lines = [f"# {cfg['name']}", "", f"Command: `{command}`. Machine: {report['machine']}; {report['date']}.", "",
+             f"LDS on held-out **{split}** queries: per query, the Spearman correlation over retrained random "
+             "alpha-subsets between the summed scores of the subset's examples and minus the query's loss "
+             "(seed-averaged), averaged over queries; 95% interval from a joint subset x query bootstrap; NaN = "
+             "queries whose LDS is undefined. Sign: positive score = including the example lowers the query's "
+             "loss.", ""]
+    lines += ["| cell | params | n train | ground truth | base test loss | noise ceiling (1 seed) | ceiling for the "
+              "seed average |", "|---|---|---|---|---|---|---|"]
+    for c in report["cells"]:
+        for alpha, ceil in c["noise_ceiling"].items():
+            gt = c["groundtruth"][alpha]
+            lines.append(f"| {_cell_label(c['cell'])} | {c['params']:,} | {c['n_train']} | {gt['n_subsets']} x "
+                         f"{gt['seeds_per_subset']} (alpha {alpha}) | {c['base_test_loss']:.3f}"
+                         + (f" (acc {c['base_test_accuracy']:.3f})" if "base_test_accuracy" in c else "")
+                         + f" | {fmt_lds(ceil)} | {ceil.get('ceiling_for_seed_average', float('nan')):.3f} |")
+    by = {(r["method"], r["cell"], r["alpha"]): r for r in report["rows"]}
+    methods = list(dict.fromkeys(r["method"] for r in report["rows"]))
+    cols = [(c, a) for c in cells for a in alphas]
+    head = " | ".join(f"{_cell_label(c)}" + (f" a={a}" if len(alphas) > 1 else "") for c, a in cols)
+    lines += ["", f"## LDS ({split} queries)", "", f"| method | {head} |", "|---|" + "---|" * len(cols)]
+
+    def order(m: str) -> float:
+        vals = [by[(m, c, a)]["lds"]["mean"] for c, a in cols if (m, c, a) in by]
+        vals = [v for v in vals if v is not None and np.isfinite(v)]
+        return -float(np.mean(vals)) if vals else 0.0
+
+    for m in sorted(methods, key=order):
+        lines.append(f"| {m} | " + " | ".join(fmt_lds(by[(m, c, a)]["lds"]) if (m, c, a) in by else "-"
+                                             for c, a in cols) + " |")
+    lines += ["", "## Cost (seconds per stage; peak memory)", "",
+              "| method | cell | stages (s) | total s | peak MiB | method's own MiB |", "|---|---|---|---|---|---|"]
+    for m in sorted(methods, key=order):
+        for c in cells:
+            r = by.get((m, c, alphas[0]))
+            if r is None:
+                continue
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items() if k != "total")
+            own = (r["peak_memory_bytes"] - r["load_memory_bytes"]) if r.get("peak_memory_bytes") else None
+            lines.append(f"| {m} | {_cell_label(c)} | {stages} | {r['seconds'].get('total', 0):.1f} | "
+                         f"{_mib(r.get('peak_memory_bytes'))} | {_mib(own)} |")
+    if len(cells) >= 2:
+        lo, hi = cells[0], cells[-1]
+        p_lo = next(c["params"] for c in report["cells"] if c["cell"] == lo)
+        p_hi = next(c["params"] for c in report["cells"] if c["cell"] == hi)
+        lines += ["", f"## Cost growth from {lo} to {hi} ({p_hi / p_lo:.1f}x parameters)", "",
+                  "| method | time ratio | peak memory ratio |", "|---|---|---|"]
+        for m in methods:
+            a, b = by.get((m, lo, alphas[0])), by.get((m, hi, alphas[0]))
+            if a and b:
+                mem = (f"{b['peak_memory_bytes'] / a['peak_memory_bytes']:.2f}"
+                       if a.get("peak_memory_bytes") and b.get("peak_memory_bytes") else "-")
+                lines.append(f"| {m} | {b['seconds']['total'] / max(a['seconds']['total'], 1e-9):.2f} | {mem} |")
+    if report.get("cost_n"):
+        cn = report["cost_n"]
+        ns = sorted({r["n"] for r in cn})
+        byn = {(r["method"], r["n"]): r for r in cn}
+        lines += ["", f"## Cost growth with n (cell {_cell_label(cn[0]['cell'])}, {cn[0]['n_queries']} queries)", "",
+                  "| method | " + " | ".join(f"n={n} s" for n in ns) + f" | time ratio {ns[-1]}/{ns[0]} | peak MiB |",
+                  "|---|" + "---|" * (len(ns) + 2)]
+        for m in dict.fromkeys(r["method"] for r in cn):
+            secs = [byn[(m, n)]["seconds"]["total"] if (m, n) in byn else None for n in ns]
+            ratio = f"{secs[-1] / max(secs[0], 1e-9):.2f}" if secs[0] and secs[-1] else "-"
+            mem = "/".join(_mib(byn[(m, n)].get("peak_memory_bytes")) for n in ns if (m, n) in byn)
+            lines.append(f"| {m} | " + " | ".join("-" if s is None else f"{s:.1f}" for s in secs) + f" | {ratio} | {mem} |")
+    if report.get("variants"):
+        lines += ["", "## STRIDE variants (settings chosen on validation queries only)", "",
+                  "| cell | group | variant | override | LDS (val) | LDS (test) | seconds |", "|---|---|---|---|---|---|---|"]
+        for v in report["variants"]:
+            secs = ", ".join(f"{k} {val:.0f}" for k, val in v["seconds"].items())
+            lds_val = v["error"] if v.get("error") else fmt_lds(v["lds_val"])
+            lines.append(f"| {_cell_label(v['cell'])} | {v['group'] or '-'} | {v['variant']} | "
+                         f"`{json.dumps(v['override'])}` | {lds_val} | {fmt_lds(v.get('lds_test'))} | {secs} |")
+    if report.get("selection"):
+        lines += ["", "Chosen on validation queries: " + "; ".join(
+            f"{_cell_label(s['cell'])} {s['group'] or 'stride'}: {s['chosen']} ({s['val_lds']:.3f})"
+            for s in report["selection"]) + "."]
+    for cf in report.get("counterfactual", []):
+        lines += ["", f"## Counterfactual removal, {_cell_label(cf['cell'])} (mean drop of the query's true-class "
+                  f"probability; {len(cf['query_ids'])} test queries; `{cf['png']}`)", "",
+                  "| method | " + " | ".join(f"k={k}" for k in cf["ks"]) + " |", "|---|" + "---|" * len(cf["ks"])]
+        for m, s in cf["summary"].items():
+            lines.append(f"| {m} | " + " | ".join(f"{x:.3f}" for x in s["mean_drop"]) + " |")
+    paper = PAPER.get(cfg.get("paper") or "")
+    if paper:
+        lines += ["", f"## The paper's table: {paper['title']}", "", "| | " + " | ".join(paper["columns"]) + " |",
+                  "|---|" + "---|" * len(paper["columns"])]
+        for name, vals in paper["rows"].items():
+            lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
+    for ex in report.get("examples", []):
+        lines += ["", f"**Query** ({_cell_label(ex['cell'])}, {ex['method']}): {_clip(ex['query'])}"]
+        for kind in ("helpful", "harmful"):
+            for e in ex[kind]:
+                lines.append(f"- {kind} {e['score']:+.4f}: {_clip(e['text'])}")
+    return "\n".join(lines) + "\n"
+
+
+def _clip(text: str | None, n: int = 160) -> str:
+    if text is None:
+        return "<no text>"
+    text = " ".join(text.split()).replace("|", "/")
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def plot(report: dict[str, Any], path: Path) -> Path | None:
+    """LDS per method (by cell when there are several, with intervals and the noise ceiling)
+    and seconds per method; a third panel for the cost in n."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = report["rows"]
+    if not rows:
+        return None
+    alpha = sorted({r["alpha"] for r in rows})[0]
+    rows = [r for r in rows if r["alpha"] == alpha]
+    cells = [c["cell"] for c in report["cells"]]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    n_panels = 3 if report.get("cost_n") else 2
+    fig = Figure(figsize=(5.2 * n_panels, 4.6), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, n_panels, i + 1) for i in range(n_panels)]
+    cmap = __import__("matplotlib").colormaps["tab20"]
+    color = {m: ("k" if m == "stride" else cmap(i % 20)) for i, m in enumerate(methods)}
+    by = {(r["method"], r["cell"]): r for r in rows}
+    x = np.arange(len(cells))
+    for i, m in enumerate(methods):
+        pts = [(j, by[(m, c)]) for j, c in enumerate(cells) if (m, c) in by and by[(m, c)]["lds"]["mean"] is not None]
+        if not pts:
+            continue
+        xs = np.array([j for j, _ in pts], float) + (0.0 if len(cells) > 1 else i * 0.8)
+        y = np.array([r["lds"]["mean"] for _, r in pts])
+        err = np.array([[r["lds"]["mean"] - r["lds"]["ci95"][0], r["lds"]["ci95"][1] - r["lds"]["mean"]] for _, r in pts]).T
+        kw = dict(color=color[m], label=m, capsize=3, marker="o", lw=2.5 if m.startswith("stride") else 1.2)
+        axes[0].errorbar(xs, y, yerr=err, linestyle="-" if len(cells) > 1 else "none", **kw)
+        axes[1].plot(xs, [r["seconds"].get("total", np.nan) for _, r in pts], marker="o", color=color[m], label=m,
+                     linestyle="-" if len(cells) > 1 else "none")
+    ceil = [next((c["noise_ceiling"][str(alpha)] for c in report["cells"] if c["cell"] == cell), {})
+            .get("ceiling_for_seed_average", np.nan) for cell in cells]
+    if len(cells) > 1:
+        axes[0].plot(x, ceil, ":", color="0.4", lw=1.5, label="noise ceiling (seed avg)")
+        for ax in axes[:2]:
+            ax.set_xticks(x, [_cell_label(c) for c in cells])
+    else:
+        axes[0].axhline(ceil[0], linestyle=":", color="0.4", label="noise ceiling (seed avg)")
+        for ax in axes[:2]:
+            ax.set_xticks([])
+    axes[0].set(ylabel=f"LDS ({report['config'].get('split', 'test')} queries)", title="LDS")
+    axes[1].set(yscale="log", ylabel="seconds (all stages)", title="cost")
+    if n_panels == 3:
+        cn = report["cost_n"]
+        for m in dict.fromkeys(r["method"] for r in cn):
+            rs = sorted((r for r in cn if r["method"] == m), key=lambda r: r["n"])
+            axes[2].plot([r["n"] for r in rs], [r["seconds"]["total"] for r in rs], marker="o",
+                         color=color.get(m, "0.5"), label=m)
+        axes[2].set(xscale="log", yscale="log", xlabel="training examples n", ylabel="seconds", title="cost by n")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def write(report: dict[str, Any], results_dir: Path, command: str) -> list[Path]:
+    """`<name>.json`, `<name>.md`, `<name>.png` in `results_dir`."""
+    name = report["config"]["name"]
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    report = {**report, "machine": report.get("machine") or machine(), "date": report.get("date") or time.strftime("%Y-%m-%d")}
+    paths = [store.write_json(results_dir / f"{name}.json", report),
+             store.atomic_write(results_dir / f"{name}.md", markdown(report, command))]
+    png = plot(report, results_dir / f"{name}.png")
+    return paths + ([png] if png else [])

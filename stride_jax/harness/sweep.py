@@ -1,0 +1,104 @@
+"""One variant sweep: STRIDE under many settings, sharing operator fits and measurements.
+
+Variants whose design, steering and fit settings are equal share one fit (in
+`workdir/<fit hash>`) and one measurement of the queries (cached there); each then differs
+only in centring and recovery, applied through `Stride.with_config`, so no live `Stride` is
+ever mutated. A variant whose settings are invalid for the pool (a grid corner with K > n d)
+is skipped with the reason; one whose fit diverges is recorded as failed. Everything resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from stride_jax import store
+from stride_jax.attribution import Attribution, Stride
+from stride_jax.config import StrideConfig, to_dict
+from stride_jax.measure import Measurement
+
+
+@dataclasses.dataclass
+class VariantResult:
+    name: str
+    cfg: StrideConfig | None
+    attr: Attribution | None
+    seconds: dict[str, float]
+    error: str | None = None
+
+
+def fit_key(cfg: StrideConfig) -> str:
+    return store.fingerprint({k: to_dict(getattr(cfg, k)) for k in ("design", "steering", "fit")})[:12]
+
+
+def _fit_and_measure(prepared: Any, cfg: StrideConfig, fit_dir: Path, progress: bool) -> tuple[Stride, Measurement, dict]:
+    seconds_path = fit_dir / "seconds.json"
+    recorded = store.read_json(seconds_path) if seconds_path.exists() else None
+    t0 = time.perf_counter()
+    stride = Stride(cfg).fit(prepared.model, prepared.train, workdir=fit_dir, progress=progress)
+    t1 = time.perf_counter()
+    cache = fit_dir / f"measure_{prepared.queries.content_hash()[:16]}.npz"
+    if cache.exists():
+        z = store.load_npz(cache)
+        m = Measurement(z["base"], z["steered"])
+    else:
+        m = stride.measure(prepared.queries, progress=progress)
+        store.save_npz(cache, {"base": m.base_loss_Q, "steered": m.steered_loss_QxK})
+    seconds = recorded or {"fit": round(t1 - t0, 3), "measure": round(time.perf_counter() - t1, 3)}
+    if recorded is None:
+        store.write_json(seconds_path, seconds)  # the first run's timings, reported on resume too
+    return stride, m, seconds
+
+
+def run_variants(prepared: Any, configs: dict[str, StrideConfig | str], workdir: Path, *,
+                 progress: bool = False) -> dict[str, VariantResult]:
+    """Scores of every variant on all of `prepared`'s queries (a config, or the reason it is invalid)."""
+    fits: dict[str, tuple[Stride, Measurement, dict] | str] = {}
+    out: dict[str, VariantResult] = {}
+    for name, cfg in configs.items():
+        if isinstance(cfg, str):
+            out[name] = VariantResult(name, None, None, {}, error=f"skipped: {cfg}")
+            continue
+        key = fit_key(cfg)
+        if key not in fits:
+            try:
+                fits[key] = _fit_and_measure(prepared, cfg, workdir / key, progress)
+            except store.IdentityError:
+                raise
+            except (FloatingPointError, ValueError) as e:
+                fits[key] = f"{type(e).__name__}: {e}"
+        if isinstance(fits[key], str):
+            out[name] = VariantResult(name, cfg, None, {}, error=fits[key])
+            continue
+        stride, m, seconds = fits[key]
+        t0 = time.perf_counter()
+        variant = stride.with_config(cfg)
+        attr = variant.recover(variant.responses(m), prepared.queries.ids)
+        out[name] = VariantResult(name, variant.cfg, attr, {**seconds, "recover": round(time.perf_counter() - t0, 3)})
+    return out
+
+
+def variant_configs(base: StrideConfig, variants: dict[str, dict[str, Any]], group: dict[str, Any] | None = None,
+                    n_train: int | None = None) -> dict[str, StrideConfig | str]:
+    """{name: config} of each variant (base + group overrides + variant overrides), or the
+    reason a grid corner is invalid for a pool of `n_train` examples."""
+    out: dict[str, StrideConfig | str] = {}
+    for name, override in variants.items():
+        try:
+            cfg = base.replace(**(group or {})).replace(**override)
+        except ValueError as e:
+            out[name] = str(e)
+            continue
+        d = cfg.design
+        if n_train is not None and n_train * d.per_example < d.n_subsets:
+            out[name] = f"K={d.n_subsets} > n d = {n_train * d.per_example}"
+            continue
+        out[name] = cfg
+    return out
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    return json.loads(path.read_text()) if path.exists() else []

@@ -1,0 +1,182 @@
+"""Tasks: data, base model and LDS ground truth, each prepared once and resumed from disk.
+
+`prepare(task, out)` returns a `Prepared`: the training pool, the queries (validation then
+test), the frozen base model, and per alpha the ground-truth subsets and retrained query
+losses. Every stage lives under `out` (base model checkpoint, one ground-truth store per
+alpha) with the fingerprints of what it depends on, so a rerun reuses it and a killed run
+resumes. `load(task, out)` gives what a method needs (pool, queries, model) without the
+ground truth, for isolated method processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stride_jax import data as data_lib
+from stride_jax import groundtruth as gt_lib
+from stride_jax import lds as lds_lib
+from stride_jax import models, store, tabular
+from stride_jax import train as train_lib
+from stride_jax.harness.config import ClassifierTask, LMTask, Task
+
+log = logging.getLogger("stride_jax")
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Everything methods are scored against: pool, queries, model, ground truth per alpha."""
+
+    task: Task
+    train: data_lib.Examples
+    queries: data_lib.Examples  # validation queries then test queries
+    val_cols: np.ndarray
+    test_cols: np.ndarray
+    model: Any
+    train_cfg: train_lib.TrainConfig  # the recipe of the base model (TracIn checkpoints, TRAK retrains)
+    groundtruth: dict[float, tuple[np.ndarray, np.ndarray]]  # alpha -> (subsets [M, Ns], losses [M, R, Q])
+    info: dict[str, Any]
+    seconds: dict[str, float]
+
+    def cols(self, split: str) -> np.ndarray:
+        return self.test_cols if split == "test" else self.val_cols
+
+    def lds(self, scores_NxQ: np.ndarray, split: str = "test", alpha: float | None = None,
+            n_boot: int = 1000) -> dict[str, Any]:
+        """LDS of the `split` query columns against the ground truth at `alpha`."""
+        subsets, losses = self.groundtruth[self.alpha(alpha)]
+        cols = self.cols(split)
+        return lds_lib.lds(scores_NxQ[:, cols], subsets, losses.mean(axis=1)[:, cols], n_boot=n_boot).to_dict()
+
+    def alpha(self, alpha: float | None) -> float:
+        return next(iter(self.groundtruth)) if alpha is None else float(alpha)
+
+    def noise_ceiling(self, split: str = "test", alpha: float | None = None, n_boot: int = 1000) -> dict[str, Any]:
+        """Seed-vs-seed LDS of one seed, and its Spearman-Brown value for the R-seed average."""
+        _, losses = self.groundtruth[self.alpha(alpha)]
+        r = losses.shape[1]
+        if r < 2:
+            return {"note": "needs seeds_per_subset >= 2"}
+        cols = self.cols(split)
+        res = lds_lib.noise_ceiling(losses[:, 0][:, cols], losses[:, 1][:, cols], n_boot=n_boot)
+        return {**res.to_dict(), "seeds_averaged": r,
+                "ceiling_for_seed_average": float(lds_lib.spearman_brown(res.mean, r))}
+
+
+def alphas(task: Task) -> list[float]:
+    return list(task.alphas) or [task.groundtruth.alpha]
+
+
+def groundtruth_config(task: Task, alpha: float) -> gt_lib.GroundTruthConfig:
+    """The ground truth at `alpha`: as configured when the task lists no alphas, else with a
+    subset seed of its own per alpha."""
+    gt = task.groundtruth
+    if not task.alphas:
+        return gt
+    return dataclasses.replace(gt, alpha=float(alpha), seed=gt.seed + int(round(1000 * alpha)))
+
+
+# ----------------------------------------------------------------------------- data and models
+
+
+def load_data(task: Task) -> tuple[data_lib.Examples, data_lib.Examples, data_lib.Examples]:
+    """(train pool, validation queries, test queries)."""
+    if isinstance(task, LMTask):
+        d = task.data
+        kw = dict(seq_len=d.seq_len, sources=d.sources, seed=d.seed)
+        return (data_lib.load_examples("train", max_per_source=d.train_per_source, **kw),
+                data_lib.load_examples("val", max_per_source=d.val_queries_per_source, **kw),
+                data_lib.load_examples("test", max_per_source=d.test_queries_per_source, **kw))
+    splits = tabular.load_splits(task.dataset, task.split)
+    return splits.train, splits.val, splits.test
+
+
+def model_config(task: Task, train: data_lib.Examples) -> Any:
+    if isinstance(task, LMTask):
+        m = task.model
+        return models.GPTConfig(vocab_size=data_lib.VOCAB_SIZE, seq_len=task.data.seq_len, n_layers=m.n_layers,
+                                d_model=m.d_model, n_heads=m.n_heads)
+    m = task.model
+    n_classes = len(tabular.load_splits(task.dataset, task.split).target_names)
+    if m.kind == "mlp":
+        return models.MLPConfig(in_dim=train.inputs.shape[1], hidden=m.hidden, n_classes=n_classes)
+    return models.ConvConfig(image_shape=tabular.IMAGE_SHAPE[task.dataset], n_classes=n_classes,
+                             channels=m.channels, pool=m.pool, dense=m.hidden)
+
+
+def train_config(task: Task) -> train_lib.TrainConfig:
+    return task.pretrain if isinstance(task, LMTask) else task.train
+
+
+def retrain_config(task: Task) -> train_lib.TrainConfig:
+    return task.retrain if isinstance(task, LMTask) else task.train
+
+
+def base_model(task: Task, train: data_lib.Examples, out: Path, *, progress: bool = False) -> Any:
+    """Load the cached base model of `task` from `out/base_model`, or train and save it."""
+    mcfg = model_config(task, train)
+    expected = {"data_hash": train.content_hash(), "train_config": train_config(task).to_dict(),
+                "seed": task.model.seed}
+    if isinstance(task, LMTask):
+        expected["tokenizer_hash"] = data_lib.tokenizer_hash()
+    path = out / "base_model"
+    if path.exists():
+        model, _ = models.load_model(path, expected=expected)
+        return model
+    store.clean_leftovers(out)
+    model = train_lib.pretrain(mcfg, train, train_config(task), seed=task.model.seed, progress=progress)
+    models.save_model(model, path, expected)
+    return model
+
+
+def load(task: Task, out: str | Path, *, progress: bool = False) -> tuple[Any, Any, data_lib.Examples, np.ndarray]:
+    """(model, train, queries, test_cols) for running a method (no ground truth)."""
+    out = Path(out)
+    train, val, test = load_data(task)
+    queries = data_lib.concat(val, test)
+    model = base_model(task, train, out, progress=progress)
+    return model, train, queries, np.arange(len(val), len(queries))
+
+
+def prepare(task: Task, out: str | Path, *, progress: bool = False, groundtruth: bool = True) -> Prepared:
+    """Data, base model and ground truth (at every alpha), each loaded from `out` when there."""
+    out = store.check_writable_dir(out, "run directory")
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    train, val, test = load_data(task)
+    queries = data_lib.concat(val, test)
+    seconds["data"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with store.Lock(out):
+        model = base_model(task, train, out, progress=progress)
+    seconds["base_model"] = time.perf_counter() - t0
+    gts: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+    if groundtruth:
+        mcfg, rcfg = model.cfg, retrain_config(task)
+        for alpha in alphas(task):
+            t0 = time.perf_counter()
+            gcfg = groundtruth_config(task, alpha)
+            name = "groundtruth" if not task.alphas else f"groundtruth_a{alpha}"
+            gt_store = gt_lib.GroundTruthStore.create_or_open(out / name, gcfg, mcfg, rcfg, train, queries)
+            gt_lib.run_groundtruth(gt_store, mcfg, rcfg, train, queries, progress=progress)
+            gts[float(alpha)] = (gt_store.subsets(), gt_store.losses())
+            seconds[f"groundtruth_a{alpha}"] = time.perf_counter() - t0
+    val_cols, test_cols = np.arange(len(val)), np.arange(len(val), len(queries))
+    info = {"n_train": len(train), "n_val": len(val), "n_test": len(test), "params": _n_params(model),
+            "base_test_loss": float(train_lib.eval_loss(model, queries)[test_cols].mean())}
+    if isinstance(task, ClassifierTask):
+        info["base_test_accuracy"] = float((np.asarray(model(test.inputs)).argmax(-1) == test.targets).mean())
+    return Prepared(task=task, train=train, queries=queries, val_cols=val_cols, test_cols=test_cols, model=model,
+                    train_cfg=train_config(task), groundtruth=gts, info=info, seconds=seconds)
+
+
+def _n_params(model: Any) -> int:
+    import jax
+    from flax import nnx
+
+    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
