@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from stride_jax import counterfactual as cf
+from stride_jax.harness import counterfactual as cf
 from stride_jax import models, train
 from stride_jax.data import Examples
 

@@ -157,11 +157,15 @@ def test_examples_from_texts_pad_and_chunk(tokenizer):
     assert ex.texts[0] == short + EOS_TOKEN and long.startswith(ex.texts[1])  # derived from the tokens
     with pytest.raises(ValueError, match="truncate=True"):
         examples_from_texts([long], tokenizer, seq_len, mode="pad")
-    chunked = examples_from_texts([long, short], tokenizer, seq_len, mode="chunk")
-    stream = tokenizer(long, add_special_tokens=False)["input_ids"] + [EOS_ID]
+    texts = [long, short, "and so"]
+    chunked = examples_from_texts(texts, tokenizer, seq_len, mode="chunk")
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    stream = ids[0] + [EOS_ID] + ids[1] + [EOS_ID] + ids[2]
     np.testing.assert_array_equal(chunked.inputs[0], stream[:seq_len])
-    assert chunked.mask is not None and chunked.mask[-1].sum() < seq_len  # the short last window is padded
-    assert len(examples_from_texts([long, short], tokenizer, seq_len, drop_last=True)) == len(chunked) - 1
+    n_full, rest = divmod(len(stream), seq_len + 1)
+    assert rest >= 2 and len(chunked) == n_full + 1
+    assert chunked.mask[-1].sum() == rest - 1 and chunked.mask[0].sum() == seq_len  # the short last window is padded
+    assert len(examples_from_texts(texts, tokenizer, seq_len, drop_last=True)) == n_full
     with pytest.raises(ValueError, match="non-empty sequence"):
         examples_from_texts("the the the", tokenizer, 2)
 

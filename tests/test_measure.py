@@ -71,7 +71,7 @@ def test_responses_sign_and_centring():
     assert y[0, 0] == 1.0  # operator 0 lowered query 0's loss: positive
     yl = raw_responses(m, MeasureConfig(space="log"))
     np.testing.assert_allclose(yl[0, 0], np.log(2.0))
-    yc = responses(m, MeasureConfig(space="diff", center_operators=True, center_queries=True))
+    yc = responses(m, MeasureConfig(space="diff", reference="queries"))
     np.testing.assert_allclose(yc.mean(axis=1), 0.0, atol=1e-6)
     # each operator's mean over the reference examples outside its subset is subtracted
     ref = Reference(Measurement(np.array([1.0, 3.0]), np.array([[1.0, 1.0, 0.0], [0.0, 3.0, 1.0]])),

@@ -115,10 +115,12 @@ def test_mlp_layer_out_of_range(mlp):
 
 
 def test_bad_inputs(gpt):
-    with pytest.raises(ValueError, match="seq_len"):
+    with pytest.raises(ValueError, match="context"):
         gpt(_tokens(t=GPT_CFG.seq_len + 1))
     with pytest.raises(ValueError, match="token ids"):
         gpt(np.full((1, 4), GPT_CFG.vocab_size, np.int32))
+    with pytest.raises(ValueError, match="token ids"):  # device arrays are checked too
+        gpt(jnp.full((1, 4), -1, jnp.int32))
     with pytest.raises(ValueError, match=r"\[B, T\]"):
         gpt(np.zeros((4,), np.int32))
 

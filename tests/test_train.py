@@ -157,7 +157,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="token ids"):
         bad = Examples(inputs=ex.inputs + V, targets=ex.targets, ids=ex.ids)
         train.train_many(CFG, bad, idx, np.array([0]), FAST, progress=False)
-    with pytest.raises(ValueError, match="seq_len"):
+    with pytest.raises(ValueError, match="context"):
         long = models.GPTConfig(vocab_size=V, seq_len=T - 1, n_layers=1, d_model=8, n_heads=2)
         train.train_many(long, ex, idx, np.array([0]), FAST, progress=False)
     with pytest.raises(ValueError, match="integer"):

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stride_jax.models.classifiers import MLP, ConvConfig, ConvNet, MLPConfig
+from stride_jax.models.classifiers import MLP, Conv2D, ConvConfig, ConvNet, MLPConfig
 from stride_jax.models.gpt import GPT, GPTConfig
 
 __all__ = [

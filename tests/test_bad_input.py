@@ -1,0 +1,234 @@
+"""Bad input, one table: every public entry rejects it before any compile, naming the argument."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stride_jax import Examples, Stride, StrideConfig, data, lds, models, recovery, store, train
+from stride_jax.config import (DesignConfig, FitConfig, MeasureConfig, RecoveryConfig, SteeringConfig, from_dict)
+from stride_jax.design import Design, alpha_subsets, indices_to_mask, left_regular_design
+from stride_jax.groundtruth import GroundTruthConfig
+
+GPT = models.GPTConfig(vocab_size=16, seq_len=6, n_layers=2, d_model=8, n_heads=2)
+MLP = models.MLPConfig(in_dim=3, hidden=(4,), n_classes=2)
+QUICK = StrideConfig.preset("quick", design={"n_subsets": 8, "per_example": 2},
+                            fit={"steps": 2, "subsets_per_step": 4})
+
+
+def lm(n=10, seq=6, lo=0, hi=16, **kw):
+    t = np.random.default_rng(0).integers(lo, hi, (n, seq + 1)).astype(np.int32)
+    return Examples(inputs=t[:, :-1], targets=t[:, 1:], ids=np.arange(n), **kw)
+
+
+def clf(n=10, f=3):
+    x = np.random.default_rng(0).normal(size=(n, f)).astype(np.float32)
+    return Examples(inputs=x, targets=(x[:, 0] > 0).astype(np.int32), ids=np.arange(n))
+
+
+class Tok:
+    """A minimal tokenizer: one id per character."""
+
+    eos_token_id, pad_token_id, chat_template = 0, 0, None
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[1 + ord(c) % 15 for c in t] for t in texts]}
+
+    def batch_decode(self, rows, skip_special_tokens=False):
+        return ["".join(chr(96 + i) for i in r) for r in rows]
+
+
+GPT_MODEL = models.build(GPT, 0)
+MLP_MODEL = models.build(MLP, 0)
+
+
+def fit(model, examples, cfg=QUICK):
+    return Stride(cfg).fit(model, examples, progress=False)
+
+
+def bad_ids():
+    t = lm()
+    return Examples(inputs=t.inputs - 3, targets=t.targets, ids=t.ids)
+
+
+def jsonl(tmp_path, text):
+    p = tmp_path / "d.jsonl"
+    p.write_text(text)
+    return p
+
+
+CASES = [
+    # --- configs
+    ("K <= 0", lambda: DesignConfig(n_subsets=0), ValueError, "design.n_subsets must be an integer >= 1"),
+    ("K negative", lambda: DesignConfig(n_subsets=-5), ValueError, "design.n_subsets"),
+    ("per_example > K", lambda: DesignConfig(n_subsets=4, per_example=5), ValueError, "design.per_example"),
+    ("per_example <= 0", lambda: DesignConfig(per_example=0), ValueError, "design.per_example"),
+    ("rank 0", lambda: SteeringConfig(rank=0), ValueError, "steering.rank"),
+    ("rank negative", lambda: SteeringConfig(rank=-1), ValueError, "steering.rank"),
+    ("lambda < 0", lambda: RecoveryConfig(lambda_frac=-0.1), ValueError, "lambda"),
+    ("lambda NaN", lambda: RecoveryConfig(lambda_frac=float("nan")), ValueError, "lambda"),
+    ("lambda inf", lambda: RecoveryConfig(lambda_frac=float("inf")), ValueError, "lambda"),
+    ("lambda a word", lambda: RecoveryConfig(lambda_frac="big"), ValueError, "lambda"),
+    ("unknown placement", lambda: SteeringConfig(placement="attention"), ValueError, "steering.placement"),
+    ("layer a float", lambda: SteeringConfig(layer=1.5), ValueError, "steering.layer"),
+    ("learning rate 0", lambda: FitConfig(learning_rate=0.0), ValueError, "fit.learning_rate"),
+    ("learning rate negative", lambda: FitConfig(learning_rate=-1e-3), ValueError, "fit.learning_rate"),
+    ("learning rate inf", lambda: FitConfig(learning_rate=float("inf")), ValueError, "fit.learning_rate"),
+    ("steps 0", lambda: FitConfig(steps=0), ValueError, "fit.steps"),
+    ("subsets_per_step > K", lambda: StrideConfig().replace(fit={"subsets_per_step": 600}), ValueError,
+     "subsets_per_step"),
+    ("stability weight negative", lambda: FitConfig(stability_weight=-1.0), ValueError, "fit.stability_weight"),
+    ("positions 0", lambda: FitConfig(positions_per_example=0), ValueError, "positions_per_example"),
+    ("cache dtype", lambda: FitConfig(cache_dtype="float16"), ValueError, "fit.cache_dtype"),
+    ("measure space", lambda: MeasureConfig(space="sqrt"), ValueError, "measure.space"),
+    ("loss floor 0", lambda: MeasureConfig(loss_floor=0.0), ValueError, "measure.loss_floor"),
+    ("loss floor 2", lambda: MeasureConfig(loss_floor=2.0), ValueError, "measure.loss_floor"),
+    ("operator chunk 0", lambda: MeasureConfig(operator_chunk=0), ValueError, "measure.operator_chunk"),
+    ("reference", lambda: MeasureConfig(reference="pool"), ValueError, "measure.reference"),
+    ("unknown key", lambda: StrideConfig.from_dict({"fit": {"stepz": 3}}), ValueError, r"unknown field.*stepz"),
+    ("unknown section", lambda: StrideConfig.from_dict({"fitting": {}}), ValueError, "unknown field"),
+    ("mistyped int", lambda: StrideConfig.from_dict({"fit": {"steps": "10"}}), TypeError, "fit.steps must be an integer"),
+    ("mistyped bool", lambda: StrideConfig.from_dict({"steering": {"normalize_input": "yes"}}), TypeError,
+     "normalize_input must be true or false"),
+    ("mistyped float", lambda: StrideConfig.from_dict({"fit": {"learning_rate": "fast"}}), TypeError,
+     "learning_rate must be a number"),
+    ("section not a mapping", lambda: StrideConfig.from_dict({"fit": 3}), TypeError, "fit must be a mapping"),
+    ("top level not a mapping", lambda: StrideConfig.from_dict([1]), TypeError, "must be a mapping"),
+    ("unknown preset", lambda: StrideConfig.preset("huge"), ValueError, "unknown preset"),
+    ("train epochs 0", lambda: train.TrainConfig(epochs=0), ValueError, "epochs"),
+    ("gt alpha 1.5", lambda: GroundTruthConfig(alpha=1.5), ValueError, "alpha"),
+    ("gt subsets 0", lambda: GroundTruthConfig(n_subsets=0), ValueError, "n_subsets"),
+    ("gt seeds 0", lambda: GroundTruthConfig(seeds_per_subset=0), ValueError, "seeds_per_subset"),
+    # --- Examples
+    ("duplicate ids", lambda: Examples(inputs=np.zeros((3, 2)), targets=np.zeros(3, int), ids=[0, 0, 1]), ValueError,
+     "ids must be unique"),
+    ("2-D ids", lambda: Examples(inputs=np.zeros((3, 2)), targets=np.zeros(3, int), ids=np.zeros((3, 1))), ValueError,
+     "ids must be 1-D"),
+    ("inputs length", lambda: Examples(inputs=np.zeros((2, 2)), targets=np.zeros(3, int), ids=[0, 1, 2]), ValueError,
+     "inputs has shape"),
+    ("float targets", lambda: Examples(inputs=np.zeros((3, 2)), targets=np.zeros(3), ids=[0, 1, 2]), ValueError,
+     "targets must be integers"),
+    ("left padding", lambda: lm(mask=np.array([[0, 1, 1, 1, 1, 1]] * 10)), ValueError, "right padding"),
+    ("empty loss mask", lambda: lm(loss_mask=np.zeros((10, 6))), ValueError, "all-zero loss_mask"),
+    ("mask shape", lambda: lm(mask=np.ones((10, 5))), ValueError, "mask must be"),
+    ("loss mask > 1", lambda: lm(loss_mask=np.full((10, 6), 2.0)), ValueError, r"\[0, 1\]"),
+    ("texts count", lambda: lm(texts=("a",)), ValueError, "1 texts for 10 examples"),
+    ("texts vs tokens", lambda: lm(texts=tuple("x" * 10), tokenizer=Tok()), ValueError, "texts do not match"),
+    # --- building examples
+    ("one string", lambda: data.examples_from_texts("abc", Tok(), 4), ValueError, "non-empty sequence"),
+    ("no texts", lambda: data.examples_from_texts([], Tok(), 4), ValueError, "non-empty sequence"),
+    ("seq_len 1", lambda: data.examples_from_texts(["abcdef"], Tok(), 1), ValueError, "seq_len"),
+    ("seq_len float", lambda: data.examples_from_texts(["abcdef"], Tok(), 4.0), ValueError, "seq_len"),
+    ("unknown mode", lambda: data.examples_from_texts(["abcdef"], Tok(), 4, mode="window"), ValueError, "mode"),
+    ("too long", lambda: data.examples_from_texts(["abcdefghij"], Tok(), 4, mode="pad"), ValueError, "truncate=True"),
+    ("empty response", lambda: data.examples_from_pairs(["q"], [""], Tok(), 8), ValueError, "response 0 is empty"),
+    ("pairs mismatch", lambda: data.examples_from_pairs(["a", "b"], ["c"], Tok(), 8), ValueError, "as many prompts"),
+    ("corpus too short", lambda: data.examples_from_texts(["a"], Tok(), 8, add_eos=False), ValueError, "too few"),
+    # --- the facade, before any compile
+    ("empty training set", lambda: fit(GPT_MODEL, lm()[np.arange(0)]), ValueError, "at least 2 examples"),
+    ("one training example", lambda: fit(GPT_MODEL, lm(1)), ValueError, "at least 2 examples"),
+    ("sequence too long", lambda: fit(GPT_MODEL, lm(seq=9)), ValueError, "longer than the model's context"),
+    ("negative token id", lambda: fit(GPT_MODEL, bad_ids()), ValueError, r"outside the model's vocabulary"),
+    ("token id >= V", lambda: fit(GPT_MODEL, lm(lo=10, hi=20)), ValueError, "outside the model's vocabulary"),
+    ("float tokens", lambda: fit(GPT_MODEL, Examples(inputs=np.zeros((4, 6)), targets=np.zeros((4, 6), int),
+                                                     ids=np.arange(4))), ValueError, "integer token ids"),
+    ("feature width", lambda: fit(MLP_MODEL, clf(f=4)), ValueError, r"\[N, 3\] features"),
+    ("NaN features", lambda: fit(MLP_MODEL, Examples(inputs=np.full((6, 3), np.nan, np.float32),
+                                                     targets=np.zeros(6, int), ids=np.arange(6))), ValueError, "NaN"),
+    ("label out of range", lambda: fit(MLP_MODEL, Examples(inputs=np.zeros((6, 3), np.float32),
+                                                           targets=np.full(6, 5), ids=np.arange(6))), ValueError,
+     "labels in"),
+    ("layer beyond depth", lambda: fit(GPT_MODEL, lm(), QUICK.replace(steering={"layer": 3})), ValueError,
+     "beyond the model's depth"),
+    ("negative layer beyond depth", lambda: fit(GPT_MODEL, lm(), QUICK.replace(steering={"layer": -4})), ValueError,
+     "beyond the model's depth"),
+    ("K > n d", lambda: fit(GPT_MODEL, lm(3), QUICK), ValueError, "too large for 3 training examples"),
+    ("not a hooked model", lambda: fit(object(), lm()), TypeError, "HookedModel protocol"),
+    ("attribute before fit", lambda: Stride().attribute(lm()), RuntimeError, "call Stride.fit"),
+    ("direct model call with bad ids", lambda: GPT_MODEL(jnp.asarray(bad_ids().inputs)), ValueError,
+     r"token ids must lie in \[0, 16\)"),
+    ("model context", lambda: GPT_MODEL(jnp.zeros((1, 9), jnp.int32)), ValueError, "context of 6"),
+    # --- designs
+    ("design n 0", lambda: left_regular_design(0, 4, 2, 0), ValueError, "n"),
+    ("design K 0", lambda: left_regular_design(10, 0, 2, 0), ValueError, "n_subsets"),
+    ("design d > K", lambda: left_regular_design(10, 4, 5, 0), ValueError, "per_example"),
+    ("design n d < K", lambda: left_regular_design(2, 10, 2, 0), ValueError, "cannot fill"),
+    ("alpha 0", lambda: alpha_subsets(10, 3, 0.0, 0), ValueError, "alpha"),
+    ("alpha 1", lambda: alpha_subsets(10, 3, 1.0, 0), ValueError, "alpha"),
+    ("no subsets", lambda: alpha_subsets(10, 0, 0.5, 0), ValueError, "m"),
+    ("design ids out of range", lambda: Design(np.array([[0, 5]]), 4), ValueError, "subset ids must lie"),
+    ("design duplicate ids", lambda: Design(np.array([[1, 1]]), 4), ValueError, "distinct"),
+    ("mask indices out of range", lambda: indices_to_mask(np.array([[0, 9]]), 5), ValueError, "indices"),
+    # --- LDS
+    ("scores NaN", lambda: lds.lds(np.full((5, 2), np.nan), np.array([[0, 1]] * 3), np.zeros((3, 2))), ValueError,
+     "scores_NxQ holds"),
+    ("losses NaN", lambda: lds.lds(np.zeros((5, 2)), np.array([[0, 1]] * 3), np.full((3, 2), np.nan)), ValueError,
+     "losses_MxQ holds"),
+    ("LDS M < 3", lambda: lds.lds(np.zeros((5, 2)), np.array([[0, 1]] * 2), np.zeros((2, 2))), ValueError,
+     "at least 3 subsets"),
+    ("LDS subset out of range", lambda: lds.lds(np.zeros((5, 2)), np.array([[0, 9]] * 3), np.zeros((3, 2))),
+     ValueError, "subset indices"),
+    ("LDS query count", lambda: lds.lds(np.zeros((5, 2)), np.array([[0, 1]] * 3), np.zeros((3, 4))), ValueError,
+     "queries"),
+    ("ceiling shapes", lambda: lds.noise_ceiling(np.zeros((3, 2)), np.zeros((3, 3))), ValueError, "one shape"),
+    ("spearman shapes", lambda: lds.spearman(np.zeros(3), np.zeros(4)), ValueError, "one shape"),
+    # --- recovery
+    ("y NaN", lambda: recovery.fista_lasso(np.full(8, np.nan), left_regular_design(10, 8, 2, 0), 0.1), ValueError,
+     "NaN"),
+    ("y wrong K", lambda: recovery.fista_lasso(np.zeros(7), left_regular_design(10, 8, 2, 0), 0.1), ValueError,
+     "K=8"),
+    ("lambda negative (solver)", lambda: recovery.fista_lasso(np.zeros(8), left_regular_design(10, 8, 2, 0), -1.0),
+     ValueError, "lambda"),
+    ("lambda NaN (solver)", lambda: recovery.fista_lasso(np.zeros(8), left_regular_design(10, 8, 2, 0), np.nan),
+     ValueError, "lambda"),
+    ("max_iter 0", lambda: recovery.FistaConfig(max_iter=0), ValueError, "max_iter"),
+    ("tol negative", lambda: recovery.FistaConfig(tol=-1.0), ValueError, "tol"),
+    # --- training and output directories
+    ("batch larger than subset", lambda: train.train_many(MLP, clf(), np.arange(4)[None], np.array([0]),
+                                                          train.TrainConfig(batch_size=8)), ValueError, "batch_size"),
+    ("seeds shape", lambda: train.train_many(MLP, clf(), np.arange(8)[None], np.array([0, 1]),
+                                             train.TrainConfig(batch_size=4)), ValueError, "seeds"),
+]
+
+
+@pytest.mark.parametrize("name, call, exc, match", CASES, ids=[c[0] for c in CASES])
+def test_rejected_with_a_clear_message(name, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_the_table_is_large():
+    assert len(CASES) >= 95
+
+
+def test_out_dir_that_is_a_file_or_cannot_be_created(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        store.check_writable_dir(tmp_path / "f")
+    with pytest.raises(ValueError, match="cannot create"):
+        store.check_writable_dir(tmp_path / "f" / "sub")
+    with pytest.raises(ValueError, match="is a file"):
+        Stride(QUICK).fit(GPT_MODEL, lm(), workdir=tmp_path / "f", progress=False)
+
+
+def test_jsonl_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        data.load_jsonl(tmp_path / "none.jsonl", Tok(), 8)
+    (tmp_path / "d.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="expected a .jsonl"):
+        data.load_jsonl(tmp_path / "d.csv", Tok(), 8)
+    with pytest.raises(ValueError, match="neither a 'text' field"):
+        data.load_jsonl(jsonl(tmp_path, json.dumps({"title": "x"}) + "\n"), Tok(), 8)
+    with pytest.raises(ValueError, match="cannot read"):
+        data.load_jsonl(jsonl(tmp_path, "{not json\n"), Tok(), 8)
+
+
+def test_queries_are_checked_at_attribute(tmp_path):
+    stride = fit(GPT_MODEL, lm())
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        stride.attribute(lm(lo=10, hi=20), progress=False)
+    with pytest.raises(ValueError, match="context"):
+        stride.attribute(lm(seq=8), progress=False)
+    with pytest.raises(ValueError, match="no queries"):
+        stride.attribute(lm()[np.arange(0)], progress=False)

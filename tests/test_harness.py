@@ -1,0 +1,193 @@
+"""The harness: every paper config runs through one pipeline; runs resume after kill -9 with
+bitwise-equal scores; bad configs fail before any work."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from stride_jax import cli
+from stride_jax.harness import load_config
+from stride_jax.harness.config import ExperimentConfig
+
+CONFIGS = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+
+TINY = {
+    "name": "tiny",
+    "n_boot": 50,
+    "task": {"kind": "lm", "data": {"train_per_source": 16, "val_queries_per_source": 2, "test_queries_per_source": 3,
+                                    "seq_len": 16},
+             "model": {"n_layers": 1, "d_model": 16, "n_heads": 2},
+             "pretrain": {"epochs": 1.0, "batch_size": 8}, "retrain": {"epochs": 1.0, "batch_size": 8},
+             "groundtruth": {"n_subsets": 6, "seeds_per_subset": 2, "models_per_chunk": 3}},
+    "stride": {"design": {"n_subsets": 24, "per_example": 4}, "steering": {"rank": 1},
+               "fit": {"steps": 40, "subsets_per_step": 8, "checkpoint_every": 5}},
+    "methods": ["stride", "random"],
+    "variants": {"base": {}, "lambda 0.2": {"recovery": {"lambda_frac": 0.2}}, "K 12": {"design": {"n_subsets": 12}}},
+}
+
+
+def test_every_shipped_config_loads_and_validates():
+    names = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+    assert {"pretrain_lds.yaml", "small_models.yaml", "lm_tuning.yaml", "ablations_lm.yaml"} <= set(names)
+    for name in names:
+        load_config(CONFIGS / name)
+    for name in ("demo", "quick"):
+        load_config(name)
+
+
+def test_pretrain_smoke_runs_isolated_methods_and_cost_in_n(tmp_path):
+    assert cli.main(["run", str(CONFIGS / "pretrain_lds_smoke.yaml"), "--out", str(tmp_path / "run"),
+                     "--no-progress"]) == 0
+    report = json.loads((tmp_path / "run" / "pretrain_lds_smoke.json").read_text())
+    rows = {(r["cell"], r["method"]): r for r in report["rows"]}
+    assert set(rows) == {(c, m) for c in ("xs", "s") for m in ("stride", "graddot")}
+    for r in rows.values():
+        assert r["peak_memory_bytes"] > r["load_memory_bytes"] > 0  # measured in the method's own process
+        assert r["seconds"]["total"] > 0 and -1 <= r["lds"]["mean"] <= 1
+    assert set(rows[("xs", "stride")]["seconds"]) >= {"fit", "measure", "recover"}
+    assert {(r["method"], r["n"]) for r in report["cost_n"]} == {("graddot", 36), ("graddot", 72)}
+    md = (tmp_path / "run" / "pretrain_lds_smoke.md").read_text()
+    assert "The paper's table" in md and "Cost growth with n" in md
+    assert (tmp_path / "run" / "pretrain_lds_smoke.png").stat().st_size > 1000
+
+
+def test_small_models_smoke_selects_on_validation_and_checks_counterfactually(tmp_path):
+    assert cli.main(["run", str(CONFIGS / "small_models_smoke.yaml"), "--out", str(tmp_path / "run"),
+                     "--no-progress"]) == 0
+    report = json.loads((tmp_path / "run" / "small_models_smoke.json").read_text())
+    methods = {r["method"] for r in report["rows"]}
+    assert {"stride-logits", "stride-residual", "tracin", "trak", "random"} == methods
+    assert {r["alpha"] for r in report["rows"]} == {0.3, 0.5}
+    assert {s["group"] for s in report["selection"]} == {"logits", "residual"}
+    assert all("lds_test" not in v for v in report["variants"])  # selection never looks at test queries
+    assert [v["variant"] for v in report["variants"] if v["group"] == "residual"] == ["default"]
+    cf = report["counterfactual"][0]
+    assert cf["ks"] == [3, 10] and {"stride-logits", "random"} <= set(cf["summary"])
+    assert (tmp_path / "run" / cf["png"]).exists()
+
+
+def test_ablation_grid_skips_invalid_corners(tmp_path):
+    assert cli.main(["run", str(CONFIGS / "small_models_ablation_smoke.yaml"), "--out", str(tmp_path / "run"),
+                     "--no-progress"]) == 0
+    report = json.loads((tmp_path / "run" / "small_models_ablation_smoke.json").read_text())
+    names = [v["variant"] for v in report["variants"]]
+    assert names == ["n_subsets=12 per_example=1", "n_subsets=12 per_example=2", "n_subsets=24 per_example=1",
+                     "n_subsets=24 per_example=2"]
+    assert all("lds_test" in v and "lds_val" in v for v in report["variants"] if not v["error"])
+
+
+def _run(out: Path, config: Path, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return subprocess.Popen([sys.executable, "-m", "stride_jax.cli", "run", str(config), "--out", str(out),
+                             "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting to kill the run")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _scores(out: Path) -> dict:
+    found = {}
+    for p in sorted(out.rglob("scores.npz")):
+        with np.load(p) as z:
+            found[str(p.relative_to(out))] = z["scores"]
+    return found
+
+
+def test_kill_minus_nine_mid_groundtruth_and_mid_fit_resumes_bitwise(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    straight = tmp_path / "straight"
+    assert _run(straight, config).wait() == 0
+    killed = tmp_path / "killed"
+    # kill 1: after the first ground-truth chunk (of 4) is on disk
+    _kill_when(_run(killed, config), lambda: any((killed / "groundtruth").glob("chunk_*.npz")))
+    # kill 2: in the middle of the variant sweep's first fit (a checkpoint exists, the fit is not done)
+    _kill_when(_run(killed, config), lambda: any((killed / "sweep").glob("*/*/checkpoints/step_*")))
+    # kill 3: in the middle of the STRIDE method's operator fit
+    _kill_when(_run(killed, config), lambda: any((killed / "methods" / "stride" / "fit" / "checkpoints").glob("step_*")))
+    assert not (killed / "methods" / "stride" / "run.json").exists()
+    proc = _run(killed, config)
+    assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
+    a, b = _scores(straight), _scores(killed)
+    assert a.keys() == b.keys() and a
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    ra = json.loads((straight / "tiny.json").read_text())
+    rb = json.loads((killed / "tiny.json").read_text())
+    assert [r["lds"] for r in ra["rows"]] == [r["lds"] for r in rb["rows"]]
+    assert [v.get("lds_val") for v in ra["variants"]] == [v.get("lds_val") for v in rb["variants"]]
+    assert not list(killed.rglob(".tmp-*"))  # leftovers of the killed writes were cleaned
+
+
+def test_second_process_on_the_same_out_dir_is_refused(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "variants": {}}))
+    first = _run(tmp_path / "out", config)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "out" / ".lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = _run(tmp_path / "out", config)
+    _, err = second.communicate(timeout=300)
+    first.kill()
+    first.wait()
+    assert second.returncode == 2 and b"in use by another process" in err
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda c: c.update(methods=["stride", "gradot"]), "unknown method 'gradot'"),
+    (lambda c: c["stride"]["fit"].update(stepz=3), r"unknown field\(s\) \['stepz'\]"),
+    (lambda c: c["stride"]["fit"].update(steps="many"), "fit.steps must be an integer"),
+    (lambda c: c["task"]["groundtruth"].update(alpha=1.5), "alpha"),
+    (lambda c: c.update(cells=[{"name": "a"}, {"name": "a"}]), "unique"),
+    (lambda c: c["task"].update(kind="vision"), "task.kind"),
+    (lambda c: c.update(methods=[{"name": "x", "method": "stride", "cells": ["nope"]}]), "unknown cells"),
+    (lambda c: c["variants"].update(bad={"fit": {"learning_rate": -1}}), "variant 'bad'"),
+])
+def test_bad_configs_fail_before_any_work(tmp_path, capsys, mutate, match):
+    cfg = json.loads(json.dumps(TINY))
+    mutate(cfg)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("stride-jax: error:"), err
+    import re
+
+    assert re.search(match, err), err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_yaml_syntax_and_missing_file_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    assert cli.main(["run", str(tmp_path / "broken.yaml")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert cli.main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert cli.main(["run", "quick", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_experiment_config_round_trip():
+    cfg = load_config(CONFIGS / "pretrain_lds.yaml")
+    assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
+    assert [m.name for m in cfg.methods if m.cells] == ["stride-tuned"]
+    assert cfg.stride_for("2.2M", next(m for m in cfg.methods if m.name == "stride-tuned")).fit.learning_rate == 0.003
