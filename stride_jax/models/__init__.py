@@ -16,6 +16,7 @@ own, so logits can be formed from cached final states at any subset of positions
 |---|---|
 | `gpt.py` | nanochat-style GPT (`GPTConfig`) |
 | `classifiers.py` | MLP (`MLPConfig`) and ConvNet (`ConvConfig`) classifiers |
+| `llama.py` | Llama-family LM: Llama, SmolLM, Qwen2 (`LlamaConfig`) |
 | `checkpoint.py` | `save_model` / `load_model`: orbax state + metadata, atomic, digest-checked |
 """
 
@@ -33,16 +34,19 @@ from flax import nnx
 
 from stride_jax.models.classifiers import MLP, ConvConfig, ConvNet, MLPConfig
 from stride_jax.models.gpt import GPT, GPTConfig
+from stride_jax.models.llama import Llama, LlamaConfig
 
 __all__ = [
     "HookedModel",
     "GPTConfig",
     "MLPConfig",
     "ConvConfig",
+    "LlamaConfig",
     "ModelConfig",
     "GPT",
     "MLP",
     "ConvNet",
+    "Llama",
     "example_loss",
     "build",
     "init_state",
@@ -70,7 +74,7 @@ class HookedModel(Protocol):
     def rest(self, h: jax.Array, *, layer: int, mask: jax.Array | None = None) -> jax.Array: ...
 
 
-ModelConfig = Any  # GPTConfig | MLPConfig | ConvConfig | any registered config
+ModelConfig = Any  # GPTConfig | MLPConfig | ConvConfig | LlamaConfig | any registered config
 _CONFIGS: dict[str, tuple[type, type]] = {}
 
 
@@ -82,6 +86,7 @@ def register(config_cls: type, model_cls: type) -> None:
 register(GPTConfig, GPT)
 register(MLPConfig, MLP)
 register(ConvConfig, ConvNet)
+register(LlamaConfig, Llama)
 
 
 def config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
