@@ -17,6 +17,7 @@ own, so logits can be formed from cached final states at any subset of positions
 | `gpt.py` | nanochat-style GPT (`GPTConfig`) |
 | `classifiers.py` | MLP (`MLPConfig`) and ConvNet (`ConvConfig`) classifiers |
 | `llama.py` | Llama-family LM: Llama, SmolLM, Qwen2 (`LlamaConfig`) |
+| `convert.py` | GGUF / HF safetensors in (`load_gguf`, `load_hf`, `load_pretrained`), safetensors out (`save_hf`) |
 | `checkpoint.py` | `save_model` / `load_model`: orbax state + metadata, atomic, digest-checked |
 """
 
@@ -57,6 +58,11 @@ __all__ = [
     "load_model",
     "is_sequence_model",
     "param_digest",
+    "Pretrained",
+    "load_gguf",
+    "load_hf",
+    "save_hf",
+    "load_pretrained",
 ]
 
 
@@ -162,3 +168,4 @@ def param_digest(model: nnx.Module) -> str:
 
 
 from stride_jax.models.checkpoint import load_model, save_model  # noqa: E402
+from stride_jax.models.convert import Pretrained, load_gguf, load_hf, load_pretrained, save_hf  # noqa: E402
