@@ -16,6 +16,8 @@ own, so logits can be formed from cached final states at any subset of positions
 |---|---|
 | `gpt.py` | nanochat-style GPT (`GPTConfig`) |
 | `classifiers.py` | MLP (`MLPConfig`) and ConvNet (`ConvConfig`) classifiers |
+| `llama.py` | Llama-family LM: Llama, SmolLM, Qwen2 (`LlamaConfig`) |
+| `convert.py` | GGUF / HF safetensors in (`load_gguf`, `load_hf`, `load_pretrained`), safetensors out (`save_hf`) |
 | `checkpoint.py` | `save_model` / `load_model`: orbax state + metadata, atomic, digest-checked |
 """
 
@@ -33,16 +35,19 @@ from flax import nnx
 
 from stride_jax.models.classifiers import MLP, Conv2D, ConvConfig, ConvNet, MLPConfig
 from stride_jax.models.gpt import GPT, GPTConfig
+from stride_jax.models.llama import Llama, LlamaConfig
 
 __all__ = [
     "HookedModel",
     "GPTConfig",
     "MLPConfig",
     "ConvConfig",
+    "LlamaConfig",
     "ModelConfig",
     "GPT",
     "MLP",
     "ConvNet",
+    "Llama",
     "example_loss",
     "build",
     "init_state",
@@ -55,6 +60,11 @@ __all__ = [
     "check_examples",
     "context_length",
     "param_digest",
+    "Pretrained",
+    "load_gguf",
+    "load_hf",
+    "save_hf",
+    "load_pretrained",
 ]
 
 
@@ -72,7 +82,7 @@ class HookedModel(Protocol):
     def rest(self, h: jax.Array, *, layer: int, mask: jax.Array | None = None) -> jax.Array: ...
 
 
-ModelConfig = Any  # GPTConfig | MLPConfig | ConvConfig | any registered config
+ModelConfig = Any  # GPTConfig | MLPConfig | ConvConfig | LlamaConfig | any registered config
 _CONFIGS: dict[str, tuple[type, type]] = {}
 
 
@@ -84,6 +94,7 @@ def register(config_cls: type, model_cls: type) -> None:
 register(GPTConfig, GPT)
 register(MLPConfig, MLP)
 register(ConvConfig, ConvNet)
+register(LlamaConfig, Llama)
 
 
 def config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
@@ -204,3 +215,4 @@ def param_digest(model: nnx.Module) -> str:
 
 
 from stride_jax.models.checkpoint import load_model, save_model  # noqa: E402
+from stride_jax.models.convert import Pretrained, load_gguf, load_hf, load_pretrained, save_hf  # noqa: E402
