@@ -199,9 +199,9 @@ def fit_loss(trainable, model_state, data: FitData, key, hyper, *, model_graphde
         steered_p = shared(coef_b, h_p[0], base_p[0], None if m_p is None else m_p[0])
         loss_k = jax.vmap(lambda lg: example_loss(lg, t_p[0], None if w_p is None else w_p[0]))(steered_p)
         if log_space:
-            y = jnp.log(jnp.maximum(loss_base, loss_floor)) - jnp.log(jnp.maximum(loss_k, loss_floor))
+            y = jnp.log(jnp.maximum(loss_base, loss_floor))[None, :] - jnp.log(jnp.maximum(loss_k, loss_floor))
         else:
-            y = loss_base - loss_k
+            y = loss_base[None, :] - loss_k
         linearity = ridge_residual(data.sketch_KxQ1[ks], y, hyper["ridge_gamma"])
         loss = loss + hyper["linearity_weight"] * linearity
         metrics["linearity"] = linearity

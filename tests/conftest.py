@@ -14,3 +14,5 @@ if "xla_force_host_platform_device_count" not in _flags:
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", os.environ.get("JAX_ENABLE_X64", "0").lower() in ("1", "true"))
+# Implicit rank promotion hides shape bugs (a [B] added to a [B, 1] silently becomes [B, B]).
+jax.config.update("jax_numpy_rank_promotion", "raise")

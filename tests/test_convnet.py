@@ -53,11 +53,11 @@ def test_conv2d_matches_lax_convolution():
     conv = models.Conv2D(3, 5, 3, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 6, 7, 3))
     want = jax.lax.conv_general_dilated(x, conv.kernel[...], (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv.bias[...]
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv.bias[...].reshape(1, 1, 1, -1)
     np.testing.assert_allclose(conv(x), want, atol=1e-5, rtol=1e-5)
     conv2 = models.Conv2D(3, 2, 2, rngs=nnx.Rngs(0))  # even kernel: SAME pads (0, 1) like lax
     want2 = jax.lax.conv_general_dilated(x, conv2.kernel[...], (1, 1), "SAME",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv2.bias[...]
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv2.bias[...].reshape(1, 1, 1, -1)
     np.testing.assert_allclose(conv2(x), want2, atol=1e-5, rtol=1e-5)
 
 

@@ -153,7 +153,7 @@ class EKFAC:
             [1.0 / (lam + self.damping * lam.mean()) for lam in self.eigenvalues])
         if not bool(jnp.isfinite(self._inv_D).all()):
             raise FloatingPointError("EK-FAC curvature is singular: use damping > 0")
-        self._cache_NxD = jnp.concatenate(kept) * self._inv_D if keep else None
+        self._cache_NxD = jnp.concatenate(kept) * self._inv_D[None, :] if keep else None
         self._train = train
         self.timings["fit"] = time.perf_counter() - t0
         return self
@@ -167,7 +167,7 @@ class EKFAC:
         if self._cache_NxD is not None:
             scores = np.asarray(dot_t(self._cache_NxD, g_QxD))
         else:
-            pre_QxD = g_QxD * self._inv_D
+            pre_QxD = g_QxD * self._inv_D[None, :]
             scores = np.zeros((len(self._train.inputs), len(g_QxD)), np.float32)
             for s, e, g in self._rotated(self._train):
                 scores[s:e] = np.asarray(dot_t(g, pre_QxD))

@@ -197,7 +197,7 @@ def _damped_inverse(g_NxD: jax.Array, damping: float) -> jax.Array:
     denom = evals + damping * evals.mean()
     if not bool((denom > 0).all()):
         raise FloatingPointError("LoGra curvature is singular: use damping > 0")
-    return dot_t(evecs / denom, evecs)  # V diag(1 / denom) V^T
+    return dot_t(evecs / denom[None, :], evecs)  # V diag(1 / denom) V^T
 
 
 class LoGra:

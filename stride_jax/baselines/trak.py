@@ -52,7 +52,7 @@ def rademacher_block(key: jax.Array, rows: int, k: int) -> jax.Array:
     """[rows, k] i.i.d. +-1/sqrt(k), 32 signs per random uint32."""
     words = -(-k // 32)
     bits_RxW = jax.random.bits(key, (rows, words), jnp.uint32)
-    signs = (bits_RxW[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    signs = (bits_RxW[..., None] >> jnp.arange(32, dtype=jnp.uint32)[None, None, :]) & 1
     signs_RxK = signs.reshape(rows, words * 32)[:, :k].astype(jnp.float32)
     return (2.0 * signs_RxK - 1.0) / math.sqrt(k)
 

@@ -178,7 +178,7 @@ class Conv2D(nnx.Module):
         lo = (k - 1) // 2
         xp = jnp.pad(x_BxHxWxC, ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo), (0, 0)))
         patches = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(k) for j in range(k)], axis=-1)
-        return patches @ self.kernel[...].reshape(k * k * c, -1) + self.bias[...]
+        return patches @ self.kernel[...].reshape(k * k * c, -1) + self.bias[...].reshape(1, 1, 1, -1)
 
 
 def _avg_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:

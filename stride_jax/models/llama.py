@@ -150,7 +150,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         x = x_BxTxD.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        return x * self.scale[...]
+        return x * self.scale[...].reshape((1,) * (x.ndim - 1) + (-1,))
 
 
 def _linear(cfg: LlamaConfig, n_in: int, n_out: int, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
