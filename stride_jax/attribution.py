@@ -176,7 +176,7 @@ class Stride:
         for section in ("design", "steering", "fit"):
             a, b = to_dict(getattr(self.cfg, section)), to_dict(getattr(cfg, section))
             if section == "steering":
-                b["layer"] = cfg.steering.resolve(self.model.n_layers).layer
+                b = to_dict(cfg.steering.resolve(self.model.n_layers))
             if a != b:
                 raise ValueError(f"with_config can change only measure and recovery settings; {section} "
                                  f"differs ({a} vs {b}): fit a new Stride")

@@ -68,7 +68,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
-    from stride_jax.attribute_cli import attribute
+    from stride_jax.harness.attribute import attribute
 
     attribute(model=args.model, train=args.train, queries=args.queries, out=args.out, preset=args.preset,
               config=args.config, seq_len=args.seq_len, top_k=args.top_k, progress=not args.no_progress)
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--train", required=True, help="training examples: jsonl with text or prompt+response, or .txt")
     a.add_argument("--queries", required=True, help="query examples, same formats")
     a.add_argument("--out", required=True, help="output directory (resumes after a kill)")
-    a.add_argument("--preset", default="lm", help="StrideConfig preset (lm, quick, classifier, ...)")
+    a.add_argument("--preset", default="llm-quick", help="StrideConfig preset (llm-quick, lm, classifier, quick)")
     a.add_argument("--config", help="YAML/JSON StrideConfig overrides on top of the preset")
     a.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: the longest, capped at "
                    "the model's context)")

@@ -51,10 +51,13 @@ class SteeringConfig:
     placement="logits": o~ = o + B(h_l) a_k (paper text); "residual": z~_l = z_l + B(z_l) a_k, then
     the rest of the frozen network (paper figure). B is a linear map of the RMS-normalised
     layer-`layer` activation to `rank` numbers (the paper does not publish B's form). A
-    negative `layer` counts from the top (-1 = the last hook point, the final residual state).
+    negative `layer` counts from the top (-1 = the last hook point, the final residual state);
+    `depth_fraction` (if set) picks layer round(depth_fraction * n_layers) instead, so one
+    setting fits models of any depth (the paper: about 0.6).
     """
 
     layer: int = 1
+    depth_fraction: float | None = None
     rank: int = 16
     placement: Placement = "logits"
     normalize_input: bool = True
@@ -68,9 +71,14 @@ class SteeringConfig:
             raise ValueError(f"steering.placement must be 'logits' or 'residual', got {self.placement!r}")
         if not self.basis_init_std > 0:
             raise ValueError(f"steering.basis_init_std must be > 0, got {self.basis_init_std}")
+        if self.depth_fraction is not None and not 0 <= self.depth_fraction <= 1:
+            raise ValueError(f"steering.depth_fraction must lie in [0, 1], got {self.depth_fraction}")
 
     def resolve(self, n_layers: int) -> SteeringConfig:
-        """This config with a negative layer made absolute for a model of depth `n_layers`."""
+        """This config with an absolute layer for a model of depth `n_layers` (depth_fraction and
+        negative layers resolved)."""
+        if self.depth_fraction is not None:
+            return dataclasses.replace(self, layer=int(round(self.depth_fraction * n_layers)), depth_fraction=None)
         layer = self.layer + n_layers + 1 if self.layer < 0 else self.layer
         if not 0 <= layer <= n_layers:
             raise ValueError(f"steering.layer {self.layer} is beyond the model's depth: hook points are "
@@ -242,6 +250,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "quick": {"design": {"n_subsets": 32, "per_example": 4},
               "fit": {"steps": 20, "subsets_per_step": 8, "checkpoint_every": 10}},
+    # A real pretrained LM in minutes on a CPU (stride-jax attribute --preset llm-quick): the hook at
+    # 0.6 of the depth (the paper's choice), few subsets and short, position-sampled fits.
+    "llm-quick": {"design": {"n_subsets": 64, "per_example": 4},
+                  "steering": {"depth_fraction": 0.6, "rank": 1},
+                  "fit": {"steps": 60, "subsets_per_step": 16, "fidelity_batch": 4, "stability_batch": 4,
+                          "positions_per_example": 16, "checkpoint_every": 20},
+                  "measure": {"operator_chunk": 8, "query_chunk": 4}},
 }
 
 

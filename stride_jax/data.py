@@ -14,7 +14,7 @@
   80% of its paragraphs are `train`, the next 10% `val`, the last 10% `test`, so queries from
   `val`/`test` are text the training pool never contains. `load_examples` cuts a split into
   chunks of `seq_len + 1` tokens (paragraphs joined by `EOS_TOKEN`) with stable ids
-  `source_index * ID_STRIDE + chunk_index`.
+  `split_index * ID_SPLIT + source_index * ID_STRIDE + chunk_index` (train: split_index 0).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 0
 VOCAB_SIZE = 1024
 ID_STRIDE = 10**7
+ID_SPLIT = 10**8  # ids of val / test chunks are offset by their split, so they never collide
 
 
 def _readonly(a: np.ndarray, *, copy: bool = True) -> np.ndarray:
@@ -548,7 +549,7 @@ def load_examples(
             rng = np.random.default_rng([seed, SPLITS.index(split), s])
             idx = np.sort(rng.permutation(len(chunks))[:max_per_source])
         chunk_list.append(chunks[idx])
-        id_list.append(s * ID_STRIDE + idx)
+        id_list.append(SPLITS.index(split) * ID_SPLIT + s * ID_STRIDE + idx)
         src_list.append(np.full(len(idx), s, dtype=np.int32))
     chunks_NxT1 = np.concatenate(chunk_list)
     return Examples(

@@ -263,7 +263,7 @@ class Fitter:
             raise ValueError(f"design covers {design.n_examples} examples but the pool has {len(examples)}")
         models.check_examples(model.cfg, examples)
         steer_cfg = cfg.steering.resolve(model.n_layers)
-        self.cfg = cfg.replace(steering={"layer": steer_cfg.layer})
+        self.cfg = cfg.replace(steering={"layer": steer_cfg.layer, "depth_fraction": None})
         self.design = design
         self.workdir = Path(workdir) if workdir is not None else None
         if self.workdir is not None:  # check identity before any work, so a rejected rerun costs nothing

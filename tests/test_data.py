@@ -48,7 +48,8 @@ def test_chunk_shapes_and_shift():
     np.testing.assert_array_equal(ex.inputs[:, 1:], ex.targets[:, :-1])
     assert 0 <= ex.inputs.min() and ex.targets.max() < VOCAB_SIZE
     assert len(ex.texts) == 60 and all(isinstance(t, str) and t for t in ex.texts)
-    np.testing.assert_array_equal(ex.sources, ex.ids // ID_STRIDE)
+    np.testing.assert_array_equal(ex.sources, (ex.ids % data.ID_SPLIT) // ID_STRIDE)
+    assert (ex.ids // data.ID_SPLIT == SPLITS.index("val")).all()
     assert list(ex.sources) == sorted(ex.sources)  # sources in SOURCES order
 
 
