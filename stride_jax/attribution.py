@@ -151,8 +151,9 @@ class Stride:
         return self
 
     def _reference(self, train: Any, n_reference: int, workdir: str | Path | None) -> Reference | None:
-        """Operators' effects on a fixed seeded sample of the pool (cached in the workdir)."""
-        if not (self.cfg.measure.center_operators and self.cfg.measure.reference == "fit"):
+        """Operators' effects on a fixed seeded sample of the pool (cached in the workdir); measured
+        whatever the centring settings, so `with_config` can switch to fit-time centring."""
+        if n_reference < 1:
             return None
         n = len(train)
         rows = np.sort(np.random.default_rng(self.cfg.design.seed + 7).choice(n, size=min(n_reference, n),
@@ -184,8 +185,8 @@ class Stride:
         for name in ("model", "design", "bank", "train_ids", "reference"):
             setattr(other, name, getattr(self, name))
         if other.cfg.measure.reference == "fit" and other.reference is None and other.cfg.measure.center_operators:
-            raise ValueError("this fit has no reference measurement (it was fitted with measure.reference="
-                             "'queries'); refit to centre on a fit-time reference")
+            raise ValueError("this fit has no reference measurement (fitted with n_reference=0); refit with "
+                             "n_reference > 0 to centre on a fit-time reference")
         return other
 
     def _require_fit(self) -> None:

@@ -25,6 +25,7 @@ from stride_jax import models, steering
 from stride_jax.config import MeasureConfig, SteeringConfig
 from stride_jax.models import example_loss
 from stride_jax.steering import OperatorBank
+from stride_jax.train import device_batch, take
 
 
 class Measurement(NamedTuple):
@@ -102,8 +103,6 @@ def measure(
         operator_chunk = min(operator_chunk, bank.n_subsets // n_dev)
         coef = jax.device_put(coef, NamedSharding(mesh, P(axis)))
         chunk_fn = _sharded_measure_chunk(mesh, axis)
-    from stride_jax.train import device_batch, take
-
     data = device_batch(queries)
     n = len(queries)
     size = min(cfg.query_chunk, n)

@@ -147,6 +147,24 @@ def markdown(report: dict[str, Any], command: str) -> str:
             lds_val = v["error"] if v.get("error") else fmt_lds(v["lds_val"])
             lines.append(f"| {_cell_label(v['cell'])} | {v['group'] or '-'} | {v['variant']} | "
                          f"`{json.dumps(v['override'])}` | {lds_val} | {fmt_lds(v.get('lds_test'))} | {secs} |")
+    vcells = list(dict.fromkeys(v["cell"] for v in report.get("variants", [])))
+    if len(vcells) > 1:  # one variant across cells: the mean validation LDS chooses a setting that transfers
+        by_v: dict[str, dict[str, float]] = {}
+        for v in report["variants"]:
+            if v.get("lds_val") and v["lds_val"].get("mean") is not None:
+                by_v.setdefault(v["variant"], {})[v["cell"]] = v["lds_val"]["mean"]
+        means = {name: float(np.mean(list(c.values()))) for name, c in by_v.items() if len(c) == len(vcells)}
+        lines += ["", "## Variants across cells (LDS on validation queries)", "",
+                  "| variant | " + " | ".join(_cell_label(c) for c in vcells) + " | mean |",
+                  "|---|" + "---|" * (len(vcells) + 1)]
+        for name in sorted(by_v, key=lambda n: -means.get(n, -np.inf)):
+            cells_ = by_v[name]
+            lines.append(f"| {name} | " + " | ".join(f"{cells_[c]:.3f}" if c in cells_ else "-" for c in vcells)
+                         + f" | {means[name]:.3f} |" if name in means else f"| {name} | " + " | ".join(
+                             f"{cells_[c]:.3f}" if c in cells_ else "-" for c in vcells) + " | - |")
+        if means:
+            best = max(means, key=means.get)
+            lines += ["", f"Best mean validation LDS over the cells: **{best}** ({means[best]:.3f})."]
     if report.get("selection"):
         lines += ["", "Chosen on validation queries: " + "; ".join(
             f"{_cell_label(s['cell'])} {s['group'] or 'stride'}: {s['chosen']} ({s['val_lds']:.3f})"
