@@ -125,11 +125,11 @@ class Stride:
         self.design: Design | None = None
         self.bank = None
         self.train_ids: np.ndarray | None = None
-        self.reference: Reference | None = None
+        self.reference: Reference | None = None  # measured at fit
         self.timings: dict[str, float] = {}
 
-    def fit(self, model: nnx.Module, train: Any, *, workdir: str | Path | None = None, progress: bool = True,
-            n_reference: int = 64) -> Stride:
+    def fit(self, model: nnx.Module, train: Any, *, workdir: str | Path | None = None,
+            progress: bool = True) -> Stride:
         """Draw the design and fit all operators (resuming from `workdir` when it holds this fit).
 
         The workdir records fingerprints of the model's parameters, the pool's tokens and ids and
@@ -146,15 +146,14 @@ class Stride:
         self.train_ids = np.asarray(train.ids)
         self.timings["fit"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.reference = self._reference(train, n_reference, workdir)
+        self.reference = self._reference(train, self.cfg.measure.n_reference, workdir, progress)
         self.timings["reference"] = time.perf_counter() - t0
         return self
 
-    def _reference(self, train: Any, n_reference: int, workdir: str | Path | None) -> Reference | None:
+    def _reference(self, train: Any, n_reference: int, workdir: str | Path | None,
+                   progress: bool) -> Reference:
         """Operators' effects on a fixed seeded sample of the pool (cached in the workdir); measured
         whatever the centring settings, so `with_config` can switch to fit-time centring."""
-        if n_reference < 1:
-            return None
         n = len(train)
         rows = np.sort(np.random.default_rng(self.cfg.design.seed + 7).choice(n, size=min(n_reference, n),
                                                                             replace=False))
@@ -165,8 +164,8 @@ class Stride:
             z = store.load_npz(path)
             if np.array_equal(z["rows"], rows):
                 return Reference(Measurement(z["base"], z["steered"]), member_PxK)
-        m = measure(self.model, self.bank, train[rows], self.cfg.steering, self.cfg.measure, progress=False,
-                    mesh=self.mesh)
+        m = measure(self.model, self.bank, train[rows], self.cfg.steering, self.cfg.measure, progress=progress,
+                    mesh=self.mesh, desc="measure reference")
         if path is not None:
             store.save_npz(path, {"rows": rows, "base": m.base_loss_Q, "steered": m.steered_loss_QxK})
         return Reference(m, member_PxK)
@@ -184,9 +183,6 @@ class Stride:
         other = Stride(dataclasses.replace(cfg, steering=self.cfg.steering), mesh=self.mesh)
         for name in ("model", "design", "bank", "train_ids", "reference"):
             setattr(other, name, getattr(self, name))
-        if other.cfg.measure.reference == "fit" and other.reference is None and other.cfg.measure.center_operators:
-            raise ValueError("this fit has no reference measurement (fitted with n_reference=0); refit with "
-                             "n_reference > 0 to centre on a fit-time reference")
         return other
 
     def _require_fit(self) -> None:

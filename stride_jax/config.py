@@ -160,6 +160,7 @@ class MeasureConfig:
       examples outside its subset), so a query's scores do not depend on the other queries of a
       call; with reference="queries", on the queries of the call.
     center_queries: subtract each query's mean over operators (an intercept).
+    n_reference: pool examples of the fit-time reference (measured once per fit).
     operator_chunk / query_chunk: operators applied at once (`lax.map` batch) / queries per
       compiled call (the last chunk is padded, so one program serves every call).
     """
@@ -169,6 +170,7 @@ class MeasureConfig:
     center_operators: bool = True
     center_queries: bool = True
     reference: Literal["fit", "queries"] = "fit"
+    n_reference: int = 64
     operator_chunk: int = 32
     query_chunk: int = 64
 
@@ -179,7 +181,8 @@ class MeasureConfig:
             raise ValueError(f"measure.reference must be 'fit' or 'queries', got {self.reference!r}")
         if not 0 < float(self.loss_floor) < 1:
             raise ValueError(f"measure.loss_floor must lie in (0, 1), got {self.loss_floor}")
-        _check_positive_int("measure", operator_chunk=self.operator_chunk, query_chunk=self.query_chunk)
+        _check_positive_int("measure", operator_chunk=self.operator_chunk, query_chunk=self.query_chunk,
+                            n_reference=self.n_reference)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,9 +257,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 0.6 of the depth (the paper's choice), few subsets and short, position-sampled fits.
     "llm-quick": {"design": {"n_subsets": 64, "per_example": 4},
                   "steering": {"depth_fraction": 0.6, "rank": 1},
-                  "fit": {"steps": 60, "subsets_per_step": 16, "fidelity_batch": 4, "stability_batch": 4,
-                          "positions_per_example": 16, "checkpoint_every": 20},
-                  "measure": {"operator_chunk": 8, "query_chunk": 4}},
+                  "fit": {"steps": 40, "subsets_per_step": 16, "fidelity_batch": 4, "stability_batch": 4,
+                          "positions_per_example": 8, "checkpoint_every": 20},
+                  "measure": {"operator_chunk": 8, "query_chunk": 4, "n_reference": 16}},
 }
 
 

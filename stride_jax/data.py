@@ -377,23 +377,47 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 def load_jsonl(path: str | Path, tokenizer: Any, seq_len: int, *, mode: str | None = None,
                truncate: bool = False, chat_template: bool = True) -> Examples:
-    """Examples from a jsonl file with a `text` field, or `prompt` + `response` fields (or a .txt file).
+    """Examples from a jsonl file of `text` records and/or `prompt` + `response` records (or a .txt file).
 
-    `text` records become one padded example each (or chunked windows with mode="chunk");
-    prompt/response records become `examples_from_pairs`. ids are the record (or window) index.
+    A `text` record is one padded example (every token counts; or chunked windows of all the
+    texts with mode="chunk"); a prompt/response record counts only its response tokens (see
+    `examples_from_pairs`). ids are the record (or window) index.
     """
     records = read_records(path)
     if not records:
         raise ValueError(f"{path} holds no records")
-    if all("prompt" in r and "response" in r for r in records):
-        return examples_from_pairs([str(r["prompt"]) for r in records], [str(r["response"]) for r in records],
-                                   tokenizer, seq_len, chat_template=chat_template, truncate=truncate)
-    bad = next((i for i, r in enumerate(records) if not isinstance(r.get("text"), str)), None)
-    if bad is not None:
-        raise ValueError(f"{path}: record {bad} has neither a 'text' field nor 'prompt' and 'response' "
-                         f"(keys: {sorted(records[bad])})")
-    return examples_from_texts([r["text"] for r in records], tokenizer, seq_len, mode=mode or "pad",
-                               truncate=truncate)
+    present = lambda r, k: isinstance(r.get(k), str)  # datasets fills a field absent from a line with None
+    kinds = []
+    for i, r in enumerate(records):
+        if present(r, "prompt") and present(r, "response"):
+            kinds.append("pair")
+        elif present(r, "text"):
+            kinds.append("text")
+        else:
+            raise ValueError(f"{path}: record {i} has neither a 'text' field nor 'prompt' and 'response' "
+                             f"(fields: {sorted(k for k, v in r.items() if v is not None)})")
+    if mode == "chunk":
+        if "pair" in kinds:
+            raise ValueError(f"{path}: mode='chunk' takes text records only")
+        return examples_from_texts([r["text"] for r in records], tokenizer, seq_len, mode="chunk", truncate=truncate)
+    if all(k == "text" for k in kinds):
+        return examples_from_texts([r["text"] for r in records], tokenizer, seq_len, mode="pad", truncate=truncate)
+    if all(k == "pair" for k in kinds):
+        return examples_from_pairs([r["prompt"] for r in records], [r["response"] for r in records], tokenizer,
+                                   seq_len, chat_template=chat_template, truncate=truncate)
+    token_lists, starts = [], []  # mixed: one padded example per record, each with its own loss start
+    for r, kind in zip(records, kinds):
+        if kind == "text":
+            t = _encode(tokenizer, [r["text"]])[0] + ([_eos_id(tokenizer)] if _eos_id(tokenizer) is not None else [])
+            token_lists.append(t)
+            starts.append(0)
+        else:
+            one = examples_from_pairs([r["prompt"]], [r["response"]], tokenizer, 10**6, chat_template=chat_template)
+            row = one.token_rows()[0]
+            token_lists.append(row)
+            starts.append(int(np.argmax(one.loss_mask[0] > 0)) + 1)
+    return lm_examples(token_lists, seq_len, mode="pad", pad_id=_pad_id(tokenizer), loss_from=starts,
+                       truncate=truncate, tokenizer=tokenizer)
 
 
 # --- The shipped tokenizer -------------------------------------------------------------------

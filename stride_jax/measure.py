@@ -82,6 +82,7 @@ def measure(
     progress: bool = True,
     mesh: Mesh | None = None,
     axis: str = "subsets",
+    desc: str = "measure",
 ) -> Measurement:
     """Losses of the frozen model and of all K steered models on every query (an `Examples`).
 
@@ -107,7 +108,7 @@ def measure(
     n = len(queries)
     size = min(cfg.query_chunk, n)
     base, steered = [], []
-    for start in tqdm(range(0, n, size), desc="measure", disable=not progress, leave=False):
+    for start in tqdm(range(0, n, size), desc=desc, disable=not progress, leave=False):
         idx = jnp.asarray(np.minimum(np.arange(start, start + size), n - 1))  # last chunk padded
         b, s = chunk_fn(model_state, bank.basis, coef, take(data, idx), model_graphdef=model_graphdef,
                         op_graphdef=bank.graphdef, cfg=steer_cfg, operator_chunk=operator_chunk)

@@ -274,3 +274,12 @@ def test_load_paragraphs_errors():
         load_paragraphs("austen", "training")
     with pytest.raises(ValueError, match="unknown source"):
         load_paragraphs("kjv", "train")
+
+
+def test_jsonl_mixing_texts_and_pairs(tokenizer, tmp_path):
+    data.write_jsonl(tmp_path / "m.jsonl", [{"prompt": "Say hi.", "response": "Hi!"}, {"text": "It is a truth"}])
+    ex = data.load_jsonl(tmp_path / "m.jsonl", tokenizer, 24, chat_template=False)
+    assert ex.texts[0] == "Say hi.Hi!" + EOS_TOKEN and ex.texts[1] == "It is a truth" + EOS_TOKEN
+    p = len(tokenizer("Say hi.", add_special_tokens=False)["input_ids"])
+    assert ex.loss_mask[0, : p - 1].sum() == 0 and ex.loss_mask[0].sum() > 0  # the prompt does not count
+    assert ex.loss_mask[1].sum() == ex.mask[1].sum()  # every token of a text record counts
