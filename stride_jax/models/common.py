@@ -66,3 +66,40 @@ def attention_mask(mask_BxT: jax.Array | None) -> jax.Array | None:
     if mask_BxT is None:
         return None
     return (mask_BxT > 0)[:, None, None, :]
+
+
+class SequenceModel:
+    """The hook-point plumbing shared by the causal LMs (GPT, Llama): `trunk` = embeddings then
+    blocks[:layer], `rest` = blocks[layer:] then the readout. A subclass (an nnx.Module) sets
+    `cfg` (with `vocab_size`, `d_model`), `n_layers`, `max_len`, `blocks` and defines
+    `embed_tokens(inputs) -> h` and `readout(h) -> float32 logits`."""
+
+    is_sequence_model = True
+
+    def hidden_dim_at(self, layer: int) -> int:
+        check_layer(layer, self.n_layers)
+        return self.cfg.d_model
+
+    def trunk(self, inputs_BxT: jax.Array, *, layer: int, mask: jax.Array | None = None) -> jax.Array:
+        """Residual stream [B, T, D] (float32) after `layer` blocks (0 = token embeddings)."""
+        check_layer(layer, self.n_layers)
+        check_tokens(inputs_BxT, self.cfg.vocab_size, self.max_len)
+        h_BxTxD = self.embed_tokens(inputs_BxT).astype(jnp.float32)
+        for block in self.blocks[:layer]:
+            h_BxTxD = block(h_BxTxD, mask)
+        return h_BxTxD
+
+    def rest(self, h_BxTxD: jax.Array, *, layer: int, mask: jax.Array | None = None) -> jax.Array:
+        """Blocks[layer:], final norm and head: float32 logits [B, T, V]."""
+        check_layer(layer, self.n_layers)
+        if h_BxTxD.ndim != 3 or h_BxTxD.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"expected h of shape [B, T, {self.cfg.d_model}], got {h_BxTxD.shape}")
+        if h_BxTxD.shape[1] > self.max_len:
+            raise ValueError(f"sequence length {h_BxTxD.shape[1]} exceeds the model's context of {self.max_len}")
+        h_BxTxD = h_BxTxD.astype(jnp.float32)
+        for block in self.blocks[layer:]:
+            h_BxTxD = block(h_BxTxD, mask)
+        return self.readout(h_BxTxD).astype(jnp.float32)
+
+    def __call__(self, inputs_BxT: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        return self.rest(self.trunk(inputs_BxT, layer=0, mask=mask), layer=0, mask=mask)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stride_jax.models.common import attention_mask, check_layer, check_tokens, fields_from_dict, rms_norm
+from stride_jax.models.common import SequenceModel, attention_mask, fields_from_dict, rms_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,10 +140,8 @@ class Block(nnx.Module):
         return x_BxTxD + self.mlp(rms_norm(x_BxTxD))
 
 
-class GPT(nnx.Module):
+class GPT(SequenceModel, nnx.Module):
     """nanochat-style causal LM; hook point l = residual stream after l blocks."""
-
-    is_sequence_model = True
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -167,34 +165,9 @@ class GPT(nnx.Module):
                 rngs=rngs,
             )
 
-    def hidden_dim_at(self, layer: int) -> int:
-        check_layer(layer, self.n_layers)
-        return self.cfg.d_model
+    def embed_tokens(self, inputs_BxT: jax.Array) -> jax.Array:
+        return self.wte(inputs_BxT)
 
-    def trunk(self, inputs_BxT: jax.Array, *, layer: int, mask: jax.Array | None = None) -> jax.Array:
-        """Residual stream [B, T, D] after `layer` blocks (0 = token embeddings)."""
-        check_layer(layer, self.n_layers)
-        check_tokens(inputs_BxT, self.cfg.vocab_size, self.cfg.seq_len)
-        h_BxTxD = self.wte(inputs_BxT).astype(jnp.float32)
-        for block in self.blocks[:layer]:
-            h_BxTxD = block(h_BxTxD, mask)
-        return h_BxTxD
-
-    def rest(self, h_BxTxD: jax.Array, *, layer: int, mask: jax.Array | None = None) -> jax.Array:
-        """Blocks[layer:], final norm and head: float32 logits [B, T, V]."""
-        check_layer(layer, self.n_layers)
-        if h_BxTxD.ndim != 3 or h_BxTxD.shape[-1] != self.cfg.d_model:
-            raise ValueError(f"expected h of shape [B, T, {self.cfg.d_model}], got {h_BxTxD.shape}")
-        if h_BxTxD.shape[1] > self.cfg.seq_len:
-            raise ValueError(f"sequence length {h_BxTxD.shape[1]} exceeds the model's context of {self.cfg.seq_len}")
-        for block in self.blocks[layer:]:
-            h_BxTxD = block(h_BxTxD, mask)
+    def readout(self, h_BxTxD: jax.Array) -> jax.Array:
         h_BxTxD = rms_norm(h_BxTxD)
-        if self.cfg.tie_embeddings:
-            logits_BxTxV = self.wte.attend(h_BxTxD)
-        else:
-            logits_BxTxV = self.lm_head(h_BxTxD)
-        return logits_BxTxV.astype(jnp.float32)
-
-    def __call__(self, inputs_BxT: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        return self.rest(self.trunk(inputs_BxT, layer=0, mask=mask), layer=0, mask=mask)
+        return self.wte.attend(h_BxTxD) if self.cfg.tie_embeddings else self.lm_head(h_BxTxD)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stride_jax.models.common import attention_mask, check_layer, check_tokens, fields_from_dict
+from stride_jax.models.common import SequenceModel, attention_mask, fields_from_dict
 
 ROPE_LAYOUTS = ("half", "interleaved")
 DTYPES = ("float32", "bfloat16")
@@ -204,10 +204,8 @@ class Block(nnx.Module):
         return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD).astype(cd)).astype(jnp.float32)
 
 
-class Llama(nnx.Module):
+class Llama(SequenceModel, nnx.Module):
     """Llama-family causal LM; hook point l = residual stream (float32) after l blocks."""
-
-    is_sequence_model = True
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -224,39 +222,15 @@ class Llama(nnx.Module):
                                       param_dtype=jnp.float32, preferred_element_type=jnp.float32,
                                       kernel_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
 
-    def hidden_dim_at(self, layer: int) -> int:
-        check_layer(layer, self.n_layers)
-        return self.cfg.d_model
+    def embed_tokens(self, inputs_BxT: jax.Array) -> jax.Array:
+        return self.embed(inputs_BxT)
 
-    def trunk(self, inputs_BxT: jax.Array, *, layer: int, mask: jax.Array | None = None) -> jax.Array:
-        """Residual stream [B, T, D] (float32) after `layer` blocks (0 = token embeddings)."""
-        check_layer(layer, self.n_layers)
-        check_tokens(inputs_BxT, self.cfg.vocab_size, self.cfg.max_len)
-        h_BxTxD = self.embed(inputs_BxT).astype(jnp.float32)
-        for block in self.blocks[:layer]:
-            h_BxTxD = block(h_BxTxD, mask)
-        return h_BxTxD
-
-    def rest(self, h_BxTxD: jax.Array, *, layer: int, mask: jax.Array | None = None) -> jax.Array:
-        """Blocks[layer:], final norm and head: float32 logits [B, T, V]."""
-        check_layer(layer, self.n_layers)
-        if h_BxTxD.ndim != 3 or h_BxTxD.shape[-1] != self.cfg.d_model:
-            raise ValueError(f"expected h of shape [B, T, {self.cfg.d_model}], got {h_BxTxD.shape}")
-        if h_BxTxD.shape[1] > self.cfg.max_len:
-            raise ValueError(f"sequence length {h_BxTxD.shape[1]} exceeds the model's context of {self.cfg.max_len}")
-        h_BxTxD = h_BxTxD.astype(jnp.float32)
-        for block in self.blocks[layer:]:
-            h_BxTxD = block(h_BxTxD, mask)
+    def readout(self, h_BxTxD: jax.Array) -> jax.Array:
         x_BxTxD = self.final_norm(h_BxTxD).astype(self.cfg.compute_dtype)
         if self.cfg.tie_embeddings:
             emb_VxD = self.embed.embedding[...].astype(self.cfg.compute_dtype)
-            logits_BxTxV = jnp.einsum("btd,vd->btv", x_BxTxD, emb_VxD, preferred_element_type=jnp.float32)
-        else:
-            logits_BxTxV = self.lm_head(x_BxTxD)
-        return logits_BxTxV.astype(jnp.float32)
-
-    def __call__(self, inputs_BxT: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        return self.rest(self.trunk(inputs_BxT, layer=0, mask=mask), layer=0, mask=mask)
+            return jnp.einsum("btd,vd->btv", x_BxTxD, emb_VxD, preferred_element_type=jnp.float32)
+        return self.lm_head(x_BxTxD)
 
 
 def with_dtype(model: Llama, dtype: str) -> Llama:
