@@ -168,11 +168,20 @@ def prepare(task: Task, out: str | Path, *, progress: bool = False, groundtruth:
             seconds[f"groundtruth_a{alpha}"] = time.perf_counter() - t0
     val_cols, test_cols = np.arange(len(val)), np.arange(len(val), len(queries))
     info = {"n_train": len(train), "n_val": len(val), "n_test": len(test), "params": _n_params(model),
-            "base_test_loss": float(train_lib.eval_loss(model, queries)[test_cols].mean())}
+            "base_test_loss": float(train_lib.eval_loss(model, queries)[test_cols].mean()),
+            "base_train_loss": float(train_lib.eval_loss(model, train).mean()),
+            "logit_scale": logit_scale(model, train)}
     if isinstance(task, ClassifierTask):
         info["base_test_accuracy"] = float((np.asarray(model(test.inputs)).argmax(-1) == test.targets).mean())
     return Prepared(task=task, train=train, queries=queries, val_cols=val_cols, test_cols=test_cols, model=model,
                     train_cfg=train_config(task), groundtruth=gts, info=info, seconds=seconds)
+
+
+def logit_scale(model: Any, examples: data_lib.Examples, n: int = 256) -> float:
+    """RMS over (the first n) examples, positions and classes of the base model's logits, each
+    centred over the classes: how large the operators' logit shifts must be to matter."""
+    logits = np.asarray(model(examples.inputs[:n], None if examples.mask is None else examples.mask[:n]))
+    return float(np.sqrt(np.mean(np.square(logits - logits.mean(axis=-1, keepdims=True)))))
 
 
 def _n_params(model: Any) -> int:
