@@ -566,8 +566,9 @@ def _inner_fista(sub, y_QxK, l1reg_Q, w_QxW, lipschitz_Q, target_Q, active_Q, *,
         cmax = (c if cfg.nonneg else jnp.abs(c)).max(axis=1)
         return _duality_gap(r, (c * w).sum(1), jnp.abs(w).sum(1), cmax, l1reg_Q)[0]
 
-    def steps(state):
+    def check_then_step(state):
         w, z, t, n_it, active = state
+        active = active & (sub_gap(w) > target_Q) & (n_it < cfg.max_iter)
 
         def one(_, wzt):
             w, z, t = wzt
@@ -576,14 +577,15 @@ def _inner_fista(sub, y_QxK, l1reg_Q, w_QxW, lipschitz_Q, target_Q, active_Q, *,
             return (jnp.where(active[:, None], w2, w), jnp.where(active[:, None], z2, z),
                     jnp.where(active, t2, t))
 
-        w, z, t = jax.lax.fori_loop(0, cfg.check_every, one, (w, z, t))
-        n_it = n_it + cfg.check_every * active
-        active = active & (sub_gap(w) > target_Q) & (n_it < cfg.max_iter)
-        return w, z, t, n_it, active
+        w, z, t = jax.lax.cond(jnp.any(active),
+                               lambda wzt: jax.lax.fori_loop(0, cfg.check_every, one, wzt),
+                               lambda wzt: wzt, (w, z, t))
+        return w, z, t, n_it + cfg.check_every * active, active
 
-    active_Q = active_Q & (sub_gap(w_QxW) > target_Q)
+    # the gap is checked at the top of each round only, so the loop is compiled once; the last
+    # round finds every query done and skips its steps
     state = (w_QxW, w_QxW, jnp.ones_like(l1reg_Q), jnp.zeros(l1reg_Q.shape, jnp.int32), active_Q)
-    w, _, _, n_it, _ = jax.lax.while_loop(lambda s: jnp.any(s[4]), steps, state)
+    w, _, _, n_it, _ = jax.lax.while_loop(lambda s: jnp.any(s[4]), check_then_step, state)
     return w, n_it
 
 
@@ -616,12 +618,13 @@ def _ws_chunk(y_QxK, l1reg_Q, idx_QxW, w_QxW, op, *, cfg: LassoConfig, n: int, n
         gap, primal = _duality_gap(r, (c_w * w).sum(1), jnp.abs(w).sum(1), cmax, l1reg_Q)
         return gap, primal, cand_idx, cand_prio, c_w if cfg.nonneg else jnp.abs(c_w)
 
-    def stopped(gap, primal, w):
-        full = can_grow & (4 * (w != 0).sum(1) > 3 * width)
-        return (_relative(gap, primal) <= cfg.tol) | full
-
     def body(state):
-        rnd, idx, w, gap, primal, cand_idx, cand_prio, prio, n_iter, n_outer, done = state
+        rnd, idx, w, _, _, n_iter, n_outer, done = state
+        # certify the current w (one full pass), then, for queries not done, one more round
+        sub = _sub(op, idx, n_subsets)
+        gap, primal, cand_idx, cand_prio, prio = evaluate(sub, w)
+        full = can_grow & (4 * (w != 0).sum(1) > 3 * width)
+        done = done | (_relative(gap, primal) <= cfg.tol) | full | (rnd >= cfg.max_outer)
         active = ~done
         new_idx, new_w = _merge(idx, w, prio, cand_idx, cand_prio, n)
         idx = jnp.where(active[:, None], new_idx, idx)
@@ -630,20 +633,14 @@ def _ws_chunk(y_QxK, l1reg_Q, idx_QxW, w_QxW, op, *, cfg: LassoConfig, n: int, n
         target = jnp.maximum(cfg.inner_ratio * gap, 0.5 * cfg.tol * primal)
         w, it = _inner_fista(sub, y_QxK, l1reg_Q, w, _sub_lipschitz(sub, n_subsets, idx < n),
                              target, active, cfg=cfg, n_subsets=n_subsets)
-        gap2, primal2, cand_idx, cand_prio, prio = evaluate(sub, w)
-        gap = jnp.where(active, gap2, gap)
-        primal = jnp.where(active, primal2, primal)
-        return (rnd + 1, idx, w, gap, primal, cand_idx, cand_prio, prio, n_iter + it,
-                n_outer + active, done | stopped(gap, primal, w))
-
-    def cond(state):
-        return (state[0] < cfg.max_outer) & ~jnp.all(state[-1])
+        return rnd + 1, idx, w, gap, primal, n_iter + it, n_outer + active, done
 
     zeros_Q = jnp.zeros(l1reg_Q.shape, jnp.int32)
-    first = evaluate(_sub(op, idx_QxW, n_subsets), w_QxW)
-    state = (jnp.int32(0), idx_QxW, w_QxW, *first, zeros_Q, zeros_Q,
-             stopped(first[0], first[1], w_QxW))
-    _, idx, w, gap, primal, _, _, _, n_iter, n_outer, _ = jax.lax.while_loop(cond, body, state)
+    state = (jnp.int32(0), idx_QxW, w_QxW, jnp.zeros(l1reg_Q.shape), jnp.zeros(l1reg_Q.shape),
+             zeros_Q, zeros_Q, jnp.zeros(l1reg_Q.shape, bool))
+    # a frozen query's w does not change after its last evaluation, so (gap, primal) certify it
+    _, idx, w, gap, primal, n_iter, n_outer, _ = jax.lax.while_loop(
+        lambda s: ~jnp.all(s[-1]), body, state)
     rel = _relative(gap, primal)
     return _ChunkResult(idx, w, rel, primal, rel <= cfg.tol, n_iter, n_outer)
 
@@ -776,87 +773,95 @@ class SparseScores:
 
 
 # ---------------------------------------------------------------------------------------------
-# Input checks (eager, before anything is traced or compiled)
-
-
-def _as_operand(design_or_matrix) -> tuple[jax.Array, int | None, int, int]:
-    """(operand, n_subsets or None, K, N) for a Design or a dense [K, N] matrix, checked.
-
-    Checks (on concrete inputs): a dense matrix is 2-D and finite; no column of M is empty
-    (an example in no subset) and no row is (a subset with no member).
-    """
-    if isinstance(design_or_matrix, Design):
-        d = design_or_matrix
-        d.check_nonempty()
-        return jnp.asarray(d.ids_NxS), d.n_subsets, d.n_subsets, d.n_examples
-    if _is_concrete(design_or_matrix):
-        m = np.asarray(design_or_matrix)
-        if m.ndim != 2:
-            raise ValueError(f"a dense design matrix must be 2-D [K, N], got shape {m.shape}")
-        n_bad = int(m.size - np.isfinite(m).sum())
-        if n_bad:
-            raise ValueError(
-                f"the dense design matrix holds {n_bad} NaN/inf entries (of {m.size}); "
-                "M must be finite"
-            )
-        empty_cols = np.flatnonzero(~m.any(axis=0))
-        if empty_cols.size:
-            raise ValueError(
-                f"the dense design matrix has {empty_cols.size} empty columns (examples in no "
-                f"subset; first: column {empty_cols[0]}); each example needs a subset"
-            )
-        empty_rows = np.flatnonzero(~m.any(axis=1))
-        if empty_rows.size:
-            raise ValueError(
-                f"the dense design matrix has {empty_rows.size} empty rows (subsets with no "
-                f"member; first: row {empty_rows[0]}); drop them"
-            )
-    m_KxN = jnp.asarray(design_or_matrix, float)
-    if m_KxN.ndim != 2:
-        raise ValueError(f"a dense design matrix must be 2-D [K, N], got shape {m_KxN.shape}")
-    return m_KxN, None, m_KxN.shape[0], m_KxN.shape[1]
+# Input checks (eager: numpy only, before anything is traced or compiled)
 
 
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check_y(y, n_subsets: int) -> jax.Array:
-    """y as a float [Q, K] (a [K] input becomes [1, K]); eager checks of shape and finiteness."""
+def _validate(y, design_or_matrix, l1reg, lipschitz_const=None) -> tuple[int, int, int]:
+    """Check the inputs of a solve, on the host, before any jnp op; return (K, N, Q).
+
+    Each message names the argument. Traced (jit) arguments are checked for shape only.
+    """
+    if isinstance(design_or_matrix, Design):
+        design_or_matrix.check_nonempty()
+        k, n = design_or_matrix.shape
+    else:
+        if _is_concrete(design_or_matrix):
+            _check_dense_design(np.asarray(design_or_matrix))
+        if len(np.shape(design_or_matrix)) != 2:
+            raise ValueError(
+                f"a dense design matrix (design_or_matrix) must be 2-D [K, N], got shape "
+                f"{np.shape(design_or_matrix)}"
+            )
+        k, n = np.shape(design_or_matrix)
+    n_queries = _check_y(y, k)
+    _check_l1reg(l1reg, n_queries)
+    if lipschitz_const is not None:
+        _check_lipschitz(lipschitz_const)
+    return k, n, n_queries
+
+
+def _check_dense_design(m: np.ndarray) -> None:
+    if m.ndim != 2:
+        return  # the caller reports the shape
+    n_bad = int(m.size - np.isfinite(m).sum())
+    if n_bad:
+        raise ValueError(
+            f"the dense design matrix (design_or_matrix) holds {n_bad} NaN/inf entries (of "
+            f"{m.size}); M must be finite"
+        )
+    empty_cols = np.flatnonzero(~m.any(axis=0))
+    if empty_cols.size:
+        raise ValueError(
+            f"the dense design matrix (design_or_matrix) has {empty_cols.size} empty columns "
+            f"(examples in no subset; first: column {empty_cols[0]}); each example needs a subset"
+        )
+    empty_rows = np.flatnonzero(~m.any(axis=1))
+    if empty_rows.size:
+        raise ValueError(
+            f"the dense design matrix (design_or_matrix) has {empty_rows.size} empty rows "
+            f"(subsets with no member; first: row {empty_rows[0]}); drop them"
+        )
+
+
+def _check_y(y, n_subsets: int) -> int:
+    """Shape [K] or [Q, K] and finiteness of the responses y; returns Q."""
+    shape = np.shape(y)
+    if len(shape) not in (1, 2):
+        raise ValueError(f"y must be [K] or [Q, K], got shape {shape}")
+    if shape[-1] != n_subsets:
+        raise ValueError(
+            f"y has {shape[-1]} subset responses in its last axis, but the design has "
+            f"K={n_subsets} subsets"
+        )
     if _is_concrete(y):
         y = np.asarray(y)
-        if y.ndim not in (1, 2):
-            raise ValueError(f"y must be [K] or [Q, K], got shape {y.shape}")
-        if y.shape[-1] != n_subsets:
-            raise ValueError(
-                f"y has {y.shape[-1]} subset responses in its last axis, but the design has "
-                f"K={n_subsets} subsets"
-            )
+        n_nan = int(np.isnan(y).sum())
         n_bad = int(np.size(y) - np.isfinite(y).sum())
         if n_bad:
             raise ValueError(
-                f"y holds {int(np.isnan(y).sum())} NaN and {n_bad - int(np.isnan(y).sum())} "
-                f"inf entries (of {y.size}); recovery needs finite responses"
+                f"y holds {n_nan} NaN and {n_bad - n_nan} inf entries (of {y.size}); recovery "
+                "needs finite responses"
             )
-    y = jnp.asarray(y, float)
-    if y.shape[-1] != n_subsets:
-        raise ValueError(f"y's last axis has {y.shape[-1]} entries, the design K={n_subsets}")
-    return y.reshape(-1, n_subsets)
+    return 1 if len(shape) == 1 else shape[0]
 
 
-def _check_l1reg(l1reg, n_queries: int) -> jax.Array:
+def _check_l1reg(l1reg, n_queries: int) -> None:
+    shape = np.shape(l1reg)
+    if len(shape) > 1 or (len(shape) == 1 and shape[0] != n_queries):
+        raise ValueError(f"lambda (l1reg) must be a scalar or [Q={n_queries}], got shape {shape}")
     if _is_concrete(l1reg):
         arr = np.asarray(l1reg, dtype=np.float64)
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"lambda must be finite (argument l1reg), got {l1reg}")
         if np.any(arr < 0):
             raise ValueError(f"lambda must be >= 0 (argument l1reg), got min {arr.min()}")
-        if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != n_queries):
-            raise ValueError(f"lambda must be a scalar or [Q={n_queries}], got shape {arr.shape}")
-    return jnp.broadcast_to(jnp.asarray(l1reg, float), (n_queries,))
 
 
-def _check_lipschitz(lipschitz_const):
+def _check_lipschitz(lipschitz_const) -> None:
     if _is_concrete(lipschitz_const):
         arr = np.asarray(lipschitz_const, dtype=np.float64)
         if arr.ndim != 0 or not np.isfinite(arr) or arr <= 0:
@@ -864,12 +869,29 @@ def _check_lipschitz(lipschitz_const):
                 f"lipschitz_const must be a finite scalar > 0 (an upper bound on ||M||_2^2), "
                 f"got {lipschitz_const}"
             )
-    return jnp.asarray(lipschitz_const, float)
 
 
 def _check_query_chunk(query_chunk: int) -> None:
     if query_chunk < 1:
         raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
+
+
+def _as_operand(design_or_matrix) -> tuple[jax.Array, int | None, int, int]:
+    """(operand, n_subsets or None, K, N) for a Design or a dense [K, N] matrix (not checked)."""
+    if isinstance(design_or_matrix, Design):
+        d = design_or_matrix
+        return jnp.asarray(d.ids_NxS), d.n_subsets, d.n_subsets, d.n_examples
+    m_KxN = jnp.asarray(design_or_matrix, float)
+    return m_KxN, None, m_KxN.shape[0], m_KxN.shape[1]
+
+
+def _as_y(y, n_subsets: int) -> jax.Array:
+    """y as a float [Q, K] (a [K] input becomes [1, K])."""
+    return jnp.asarray(y, float).reshape(-1, n_subsets)
+
+
+def _as_l1reg(l1reg, n_queries: int) -> jax.Array:
+    return jnp.broadcast_to(jnp.asarray(l1reg, float), (n_queries,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -881,17 +903,16 @@ def lambda_max(y: jax.Array, design_or_matrix) -> jax.Array:
 
     (With nonneg the smallest such lambda is max(M^T y, 0), which this bounds from above.)
     """
+    k, _, _ = _validate(y, design_or_matrix, 0.0)
+    y_QxK = _as_y(y, k)
     if isinstance(design_or_matrix, Design):  # blocked passes: memory O(block x 64), not N x Q
         design = design_or_matrix
-        design.check_nonempty()
-        y_QxK = _check_y(y, design.n_subsets)
         op = _SparseOp(design.blocked_ids(_block_size(LassoConfig().block, design.n_examples)))
         lmax_Q = jnp.concatenate([
             _pass_max(op, y_QxK[lo:lo + _LMAX_CHUNK], n=design.n_examples)
             for lo in range(0, y_QxK.shape[0], _LMAX_CHUNK)])
     else:
-        operand, n_subsets, k, _ = _as_operand(design_or_matrix)
-        y_QxK = _check_y(y, k)
+        operand, n_subsets, _, _ = _as_operand(design_or_matrix)
         lmax_Q = jnp.abs(_operand_rmatvec(operand, n_subsets, y_QxK.T)).max(axis=0)
     return lmax_Q if jnp.ndim(y) == 2 else lmax_Q[0]
 
@@ -945,17 +966,14 @@ def solve_lasso(
     if not isinstance(cfg, LassoConfig):
         raise TypeError(f"cfg must be a LassoConfig or FistaConfig, got {type(cfg).__name__}")
     _check_query_chunk(query_chunk)
+    k, n, n_queries = _validate(y, design_or_matrix, l1reg)
     if isinstance(design_or_matrix, Design):
-        design = design_or_matrix
-        design.check_nonempty()
-        k, n = design.n_subsets, design.n_examples
-        op = _SparseOp(design.blocked_ids(_block_size(cfg.block, n)))
+        op = _SparseOp(design_or_matrix.blocked_ids(_block_size(cfg.block, n)))
     else:
-        m_KxN, _, k, n = _as_operand(design_or_matrix)
+        m_KxN = _as_operand(design_or_matrix)[0]
         op = _DenseOp(jnp.concatenate([m_KxN, jnp.zeros((k, 1), m_KxN.dtype)], axis=1))
-    y_QxK = _check_y(y, k)
-    n_queries = y_QxK.shape[0]
-    l1reg_Q = _check_l1reg(l1reg, n_queries)
+    y_QxK = _as_y(y, k)
+    l1reg_Q = _as_l1reg(l1reg, n_queries)
 
     chunk = min(query_chunk, n_queries)
     n_padded = -(-n_queries // chunk) * chunk
@@ -963,6 +981,8 @@ def solve_lasso(
     l1reg_Q = jnp.concatenate([l1reg_Q, jnp.ones(n_padded - n_queries, l1reg_Q.dtype)])
     width = min(cfg.ws_size, n)
     max_width = min(cfg.max_ws_size, n)
+    # fields the compiled rounds do not read (the shapes carry them): one compile per width
+    cfg = dataclasses.replace(cfg, ws_size=1, max_ws_size=1, block=_GROUP)
     parts = [_ws_chunk(y_QxK[lo:lo + chunk], l1reg_Q[lo:lo + chunk],
                        jnp.full((chunk, width), n, jnp.int32), jnp.zeros((chunk, width)), op,
                        cfg=cfg, n=n, n_subsets=k, can_grow=width < max_width)
@@ -1045,18 +1065,18 @@ def fista_lasso(
       error (final relative change of w), converged (error <= tol) and gap (relative duality
       gap: the certificate; `converged` is only the stopping rule).
     """
-    operand, n_subsets, k, n = _as_operand(design_or_matrix)
-    y_QxK = _check_y(y, k)
-    n_queries = y_QxK.shape[0]
-    l1reg_Q = _check_l1reg(l1reg, n_queries)
     _check_query_chunk(query_chunk)
+    k, n, n_queries = _validate(y, design_or_matrix, l1reg, lipschitz_const)
+    operand, n_subsets, _, _ = _as_operand(design_or_matrix)
+    y_QxK = _as_y(y, k)
+    l1reg_Q = _as_l1reg(l1reg, n_queries)
     if lipschitz_const is None:
         if isinstance(design_or_matrix, Design):
             lipschitz_const = design_or_matrix.lipschitz()
         else:
             lipschitz_const = _operand_lipschitz(operand, n_subsets=n_subsets,
                                                  n_iter=cfg.power_iter)
-    lipschitz_const = _check_lipschitz(lipschitz_const)
+    lipschitz_const = jnp.asarray(lipschitz_const, float)
     if init is None:
         init_NxQ = jnp.zeros((n, n_queries), float)
     else:
@@ -1093,8 +1113,9 @@ def select_lambda(
         raise ValueError(f"fractions must be a non-empty list of values >= 0, got {fractions}")
     if not 0.0 < holdout_frac < 1.0:
         raise ValueError(f"holdout_frac must lie in (0, 1), got {holdout_frac}")
-    operand, n_subsets, k, n = _as_operand(design)
-    y_QxK = _check_y(y_QxK, k)
+    k, n, _ = _validate(y_QxK, design, 0.0)
+    operand, n_subsets, _, _ = _as_operand(design)
+    y_QxK = _as_y(y_QxK, k)
     n_held = int(round(holdout_frac * k))
     if not 1 <= n_held <= k - 1:
         raise ValueError(
