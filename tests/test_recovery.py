@@ -470,3 +470,18 @@ def test_sparse_scores_methods_and_round_trip(tmp_path):
         SparseScores(np.array([0, 1]), np.array([5]), np.ones(1), 5)
     with pytest.raises(IndexError):
         scores.column(4)
+
+
+def test_merge_keeps_the_support_then_the_best_candidates():
+    from stride_jax.recovery import _merge
+
+    n = 100
+    idx = jnp.array([[5, 9, 40, n]])  # slot 3 empty (sentinel N)
+    w = jnp.array([[0.5, 0.0, -1.0, 0.0]])
+    prio = jnp.array([[0.1, 0.3, 0.2, 0.0]])  # |c_j| on the working set
+    cand_idx = jnp.array([[9, 77, 12, 60]])  # 9 is already in the set
+    cand_prio = jnp.array([[0.3, 2.0, 1.5, 0.05]])
+    new_idx, new_w = _merge(idx, w, prio, cand_idx, cand_prio, n)
+    # the support {5, 40} first whatever its |c|, then the largest priorities: 77, 12
+    assert sorted(zip(np.asarray(new_idx[0]).tolist(), np.asarray(new_w[0]).tolist())) == [
+        (5, 0.5), (12, 0.0), (40, -1.0), (77, 0.0)]
