@@ -355,7 +355,7 @@ def _fista_batch(y_QxK, operand, l1reg_Q, lipschitz_const, init_NxQ, *, cfg, n_s
     The gradient M^T (M Z - Y) of all queries is one pair of sparse products on [N, Q] / [K, Q]
     arrays; a query whose relative change reached tol is frozen (as a vmapped while loop
     freezes a finished lane), so each query's iterates and n_iter are its own solve's. On
-    2 CPU cores (n = 10^5, Q = 64) the gradient ran 2x faster than under vmap of
+    2 CPU cores (n = 10^5, Q = 64) the gradient ran 1.6-2x faster than under vmap of
     `fista_solve`, a whole iteration 1.4x (benchmarks/recovery.py, "layout").
     """
     y_KxQ = y_QxK.T
