@@ -3,7 +3,9 @@
 For m random training subsets S_1..S_m (retrained models give query losses f_q(S_j)) and
 attribution scores tau [N, Q] (positive = helps the query), the datamodel prediction is
 g_q(S_j) = sum_{i in S_j} tau_iq and LDS_q = Spearman_j(g_q(S_j), -f_q(S_j)) (STRIDE,
-arXiv 2606.05165, section 3 of docs/STRIDE.md). Numpy only: no scipy at runtime.
+arXiv 2606.05165, section 3 of docs/STRIDE.md). Scores are a dense [N, Q] array or a
+`recovery.SparseScores` (never densified: memory follows the nonzeros). Numpy only: no scipy
+at runtime.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from stride_jax.recovery import SparseScores
+
 _CHUNK_ELEMENTS = 1 << 20  # bound on [B, Q, M] temporaries in the bootstrap
 _MASK_ELEMENTS = 1 << 22  # bound on the [B, N] membership mask when summing scores
+_LOOKUP_ELEMENTS = 1 << 22  # bound on [B, nnz] membership lookups for sparse scores
 
 
 def rankdata(x: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -194,8 +199,47 @@ def _as_2d(name: str, x, n_rows_name: str) -> np.ndarray:
     return x
 
 
-def predict_subset_sums(scores_NxQ: np.ndarray, subset_idx_MxNs: np.ndarray) -> np.ndarray:
-    """g[m, q] = sum over i in S_m of scores[i, q], as mask @ scores in row blocks: [M, Q]."""
+def _predict_sparse(scores: SparseScores, subset_idx_MxNs: np.ndarray) -> np.ndarray:
+    """g[m, q] for sparse scores: look each stored row up in each (sorted) subset.
+
+    The M subsets, offset by m N, form one sorted array; one searchsorted per block of subsets
+    finds which stored entries they hold. Memory O(block x nnz), never [N, Q].
+    """
+    n, q = scores.shape
+    idx_MxNs = np.asarray(subset_idx_MxNs, dtype=np.int64)
+    if idx_MxNs.shape[1] > 1 and (np.diff(idx_MxNs, axis=1) < 0).any():
+        idx_MxNs = np.sort(idx_MxNs, axis=1)
+    m = idx_MxNs.shape[0]
+    rows = scores.rows.astype(np.int64)
+    query_of = scores.query_of_entries()
+    values = scores.values.astype(np.float64)
+    g_MxQ = np.zeros((m, q))
+    if rows.size == 0 or idx_MxNs.shape[1] == 0:
+        return g_MxQ
+    block = max(1, _LOOKUP_ELEMENTS // max(rows.size, idx_MxNs.shape[1], 1))
+    for lo in range(0, m, block):
+        hi = min(m, lo + block)
+        offsets_B = np.arange(lo, hi, dtype=np.int64) * n
+        members = (idx_MxNs[lo:hi] + offsets_B[:, None]).reshape(-1)
+        keys_BxE = rows[None, :] + offsets_B[:, None]
+        pos = np.minimum(np.searchsorted(members, keys_BxE), members.size - 1)
+        held_BxE = members[pos] == keys_BxE
+        weights = np.where(held_BxE, values[None, :], 0.0)
+        flat_q = (np.arange(hi - lo)[:, None] * q + query_of[None, :]).reshape(-1)
+        g_MxQ[lo:hi] = np.bincount(flat_q, weights=weights.reshape(-1),
+                                   minlength=(hi - lo) * q).reshape(hi - lo, q)
+    return g_MxQ
+
+
+def predict_subset_sums(scores_NxQ: np.ndarray | SparseScores,
+                        subset_idx_MxNs: np.ndarray) -> np.ndarray:
+    """g[m, q] = sum over i in S_m of scores[i, q]: [M, Q].
+
+    Dense scores: mask @ scores in row blocks. `SparseScores`: lookups of the stored rows in
+    the subsets, without densifying.
+    """
+    if isinstance(scores_NxQ, SparseScores):
+        return _predict_sparse(scores_NxQ, subset_idx_MxNs)
     n = scores_NxQ.shape[0]
     m = subset_idx_MxNs.shape[0]
     block = max(1, _MASK_ELEMENTS // n)
@@ -209,7 +253,7 @@ def predict_subset_sums(scores_NxQ: np.ndarray, subset_idx_MxNs: np.ndarray) -> 
 
 
 def lds(
-    scores_NxQ: np.ndarray,
+    scores_NxQ: np.ndarray | SparseScores,
     subset_idx_MxNs: np.ndarray,
     losses_MxQ: np.ndarray,
     n_boot: int = 1000,
@@ -223,8 +267,11 @@ def lds(
     alone treats the m subsets as fixed, but every query is scored on the same m subsets, so
     their subset-sampling errors are correlated and do not average out over queries; a
     query-only interval is then far too narrow. Resampling rows captures that shared error.
+    `scores_NxQ` may be a `SparseScores` (never densified).
     """
-    scores_NxQ = _as_2d("scores_NxQ", scores_NxQ, "N")
+    sparse = isinstance(scores_NxQ, SparseScores)
+    if not sparse:
+        scores_NxQ = _as_2d("scores_NxQ", scores_NxQ, "N")
     losses_MxQ = _as_2d("losses_MxQ", losses_MxQ, "M")
     subset_idx_MxNs = np.asarray(subset_idx_MxNs)
     if subset_idx_MxNs.ndim != 2 or not np.issubdtype(subset_idx_MxNs.dtype, np.integer):
@@ -246,7 +293,7 @@ def lds(
     if m < 3:
         raise ValueError(f"LDS needs at least 3 subsets, got M={m}")
     _check_finite("losses_MxQ", losses_MxQ)
-    _check_finite("scores_NxQ", scores_NxQ)
+    _check_finite("scores_NxQ", scores_NxQ.values if sparse else scores_NxQ)
     g_MxQ = predict_subset_sums(scores_NxQ, subset_idx_MxNs)
     per_query = spearman(g_MxQ, -losses_MxQ)
     return _summarise(per_query, _joint_bootstrap(g_MxQ, -losses_MxQ, n_boot, seed))

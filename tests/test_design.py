@@ -171,3 +171,32 @@ def test_alpha_subsets_and_mask():
         alpha_subsets(n=3, m=2, alpha=0.1, seed=0)
     with pytest.raises(ValueError, match="must lie in"):
         indices_to_mask(np.array([[0, 10]]), 10)
+
+
+def test_lipschitz_is_an_upper_bound_and_cached():
+    for n, k, d, seed in [(300, 40, 6, 3), (20, 30, 2, 0), (2000, 50, 5, 1)]:
+        design = left_regular_design(n, k, d, seed=seed)
+        top = np.linalg.svd(design.dense().astype(np.float64), compute_uv=False)[0] ** 2
+        # Collatz-Wielandt: an upper bound, tight to the 1e-4 stopping rule
+        assert top <= design.lipschitz() <= top * (1 + 2e-4)
+    assert design.lipschitz() is design.lipschitz()
+    again = Design(design.ids_NxS, design.n_subsets)  # a new instance computes its own
+    assert again.lipschitz() == design.lipschitz()
+
+
+def test_check_nonempty():
+    left_regular_design(**SMALL).check_nonempty()
+    with pytest.raises(ValueError, match=r"1 empty subsets .*first: subset 5"):
+        Design(np.array([[0, 1], [2, 3], [4, 1]]), 6).check_nonempty()
+    with pytest.raises(ValueError, match="in no subset"):
+        Design(np.zeros((4, 0), np.int32), 3).check_nonempty()
+
+
+def test_blocked_ids_pad_with_no_subset_and_are_cached(small):
+    blocks = small.blocked_ids(64)
+    assert blocks.shape == (5, 64, 6)  # 300 rows + at least one padding row, in blocks of 64
+    flat = np.asarray(blocks).reshape(-1, 6)
+    np.testing.assert_array_equal(flat[:300], small.ids_NxS)
+    assert (flat[300:] == small.n_subsets).all()
+    assert small.blocked_ids(64) is blocks
+    assert small.blocked_ids(150).shape == (3, 150, 6)  # N divisible: still a padding row

@@ -131,3 +131,55 @@ def test_shape_and_value_errors():
         noise_ceiling(losses, losses[:, :3])
     with pytest.raises(ValueError, match="one shape"):
         spearman(losses, losses[:10])
+
+
+# --- sparse scores (stride_jax.recovery.SparseScores): same numbers, never densified ---------
+
+import tracemalloc  # noqa: E402
+
+from stride_jax.lds import predict_subset_sums  # noqa: E402
+from stride_jax.recovery import SparseScores  # noqa: E402
+
+
+def test_lds_on_sparse_scores_equals_dense():
+    rng = np.random.default_rng(9)
+    tau = (rng.normal(size=(N, Q)) * (rng.random((N, Q)) < 0.15)).astype(np.float32)
+    tau[:, 4] = 0.0  # a query with no nonzeros: predictions constant, Spearman NaN
+    losses = -MASK @ tau + 0.3 * rng.normal(size=(M, Q))
+    sparse = SparseScores.from_dense(tau)
+    np.testing.assert_allclose(predict_subset_sums(sparse, IDX), predict_subset_sums(tau, IDX),
+                               rtol=1e-12, atol=1e-12)
+    shuffled = np.random.default_rng(0).permuted(IDX, axis=1)  # subsets need not be sorted
+    np.testing.assert_allclose(predict_subset_sums(sparse, shuffled), MASK @ tau, atol=1e-9)
+    dense_result, sparse_result = lds(tau, IDX, losses, n_boot=200), lds(sparse, IDX, losses, n_boot=200)
+    np.testing.assert_array_equal(sparse_result.per_query, dense_result.per_query)
+    assert sparse_result.mean == dense_result.mean and sparse_result.ci95 == dense_result.ci95
+    assert sparse_result.n_nan == 1
+    with pytest.raises(ValueError, match="N=100 rows"):
+        lds(SparseScores.from_dense(tau[:100]), IDX, losses)
+    bad = SparseScores(sparse.indptr, sparse.rows, np.where(np.arange(sparse.nnz) == 3, np.nan,
+                                                            sparse.values), N)
+    with pytest.raises(ValueError, match="NaN/inf"):
+        lds(bad, IDX, losses)
+
+
+def test_lds_on_sparse_scores_does_not_densify():
+    """N = 10^7 examples, 4 queries, 60 nonzeros each: dense float64 scores would be 320 MB."""
+    n, q, m = 10_000_000, 4, 8
+    rng = np.random.default_rng(10)
+    rows = [np.sort(rng.choice(n, 60, replace=False)) for _ in range(q)]
+    scores = SparseScores(np.arange(0, 60 * q + 1, 60), np.concatenate(rows),
+                          rng.normal(size=60 * q), n)
+    # subsets of 2000 examples each that hold some of the nonzero rows
+    idx = np.sort(np.stack([np.concatenate([rng.choice(np.concatenate(rows), 30, replace=False),
+                                            rng.choice(n, 1970, replace=False)])
+                            for _ in range(m)]), axis=1)
+    losses = rng.normal(size=(m, q))
+    tracemalloc.start()
+    result = lds(scores, idx, losses, n_boot=50)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20e6, f"peak {peak / 1e6:.0f} MB: scores were densified"
+    expected = np.array([[scores.column(j)[idx[i]].sum() for j in range(q)] for i in range(m)])
+    np.testing.assert_allclose(predict_subset_sums(scores, idx), expected, rtol=1e-6)
+    assert result.per_query.shape == (q,)
