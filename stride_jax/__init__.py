@@ -24,7 +24,8 @@ from stride_jax import lds  # the module: stride_jax.lds.lds(scores, subsets, lo
 from stride_jax.lds import LDSResult, noise_ceiling, spearman
 from stride_jax.measure import Measurement, responses
 from stride_jax.models import HookedModel
-from stride_jax.recovery import FistaConfig, FistaResult, fista_lasso, lambda_max
+from stride_jax.recovery import (FistaConfig, FistaResult, LassoConfig, LassoResult, SparseScores, fista_lasso,
+                                 lambda_max, solve_lasso)
 from stride_jax.steering import OperatorBank, SteeringOperator, init_bank
 
 __all__ = [
@@ -39,10 +40,13 @@ __all__ = [
     "Fitter",
     "HookedModel",
     "LDSResult",
+    "LassoConfig",
+    "LassoResult",
     "MeasureConfig",
     "Measurement",
     "OperatorBank",
     "RecoveryConfig",
+    "SparseScores",
     "SteeringConfig",
     "SteeringOperator",
     "Stride",
@@ -59,5 +63,6 @@ __all__ = [
     "load_jsonl",
     "noise_ceiling",
     "responses",
+    "solve_lasso",
     "spearman",
 ]

@@ -27,6 +27,7 @@ from stride_jax.config import StrideConfig, to_dict
 from stride_jax.design import Design, left_regular_design
 from stride_jax.fit import Fitter
 from stride_jax.measure import Measurement, Reference, measure, responses
+from stride_jax.recovery import SparseScores
 
 log = logging.getLogger("stride_jax")
 
@@ -35,21 +36,29 @@ SIGN = "positive = including the training example lowers the query's loss (helps
 
 @dataclasses.dataclass
 class Attribution:
-    """Per-example influence scores for a set of queries (sign: positive = helps the query)."""
+    """Per-example influence scores for a set of queries (sign: positive = helps the query).
 
-    scores: np.ndarray  # [N, Q]
+    scores is a dense [N, Q] float32 array or, with `recovery.sparse`, a `SparseScores`
+    (memory follows the nonzeros; `dense()` on request). For STRIDE, per query: the l1 penalty,
+    the solver's iterations, `converged` (certified: relative duality gap <= tol for the
+    working-set solver) and the final relative duality `gap`.
+    """
+
+    scores: np.ndarray | SparseScores  # [N, Q]
     train_ids: np.ndarray  # [N]
     query_ids: np.ndarray  # [Q]
     lambdas: np.ndarray | None = None  # [Q] the l1 penalty used per query (STRIDE)
     n_iter: np.ndarray | None = None  # [Q] solver iterations (STRIDE)
     converged: np.ndarray | None = None  # [Q] recovery converged (STRIDE)
+    gap: np.ndarray | None = None  # [Q] relative duality gap of the recovered scores (STRIDE)
     method: str = "stride"
 
     def __post_init__(self) -> None:
-        self.scores = np.asarray(self.scores, np.float32)
+        if not isinstance(self.scores, SparseScores):
+            self.scores = np.asarray(self.scores, np.float32)
         self.train_ids, self.query_ids = np.asarray(self.train_ids), np.asarray(self.query_ids)
-        if self.scores.shape != (len(self.train_ids), len(self.query_ids)):
-            raise ValueError(f"scores {self.scores.shape} do not match {len(self.train_ids)} train ids x "
+        if tuple(self.scores.shape) != (len(self.train_ids), len(self.query_ids)):
+            raise ValueError(f"scores {tuple(self.scores.shape)} do not match {len(self.train_ids)} train ids x "
                              f"{len(self.query_ids)} query ids")
 
     @property
@@ -61,13 +70,29 @@ class Attribution:
         return self.scores.shape[1]
 
     @property
+    def sparse(self) -> bool:
+        return isinstance(self.scores, SparseScores)
+
+    @property
     def n_not_converged(self) -> int:
         return 0 if self.converged is None else int((~np.asarray(self.converged, bool)).sum())
+
+    def dense(self) -> np.ndarray:
+        """Scores as a dense [N, Q] float32 array (N x Q x 4 bytes)."""
+        return self.scores.to_dense() if self.sparse else self.scores
+
+    def column(self, query: int) -> np.ndarray:
+        """One query's scores, dense [N]."""
+        if not 0 <= query < self.n_query:
+            raise IndexError(f"query {query} out of range [0, {self.n_query})")
+        return self.scores.column(query) if self.sparse else self.scores[:, query]
 
     def top_k(self, query: int, k: int = 10, *, harmful: bool = False) -> list[tuple[int, float]]:
         """The k most helpful (or harmful) training examples for one query: (row index, score)."""
         if not 0 <= query < self.n_query:
             raise IndexError(f"query {query} out of range [0, {self.n_query})")
+        if self.sparse:
+            return self.scores.top_k(query, k, harmful=harmful)
         col = self.scores[:, query]
         order = np.argsort(col if harmful else -col, kind="stable")[:k]
         return [(int(i), float(col[i])) for i in order]
@@ -76,13 +101,18 @@ class Attribution:
         """Write `scores.npz` (with a digest) and `attribution.json` into directory `path` (no pickle)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        arrays = {"scores": self.scores, "train_ids": self.train_ids, "query_ids": self.query_ids}
-        for name in ("lambdas", "n_iter", "converged"):
+        arrays = {"train_ids": self.train_ids, "query_ids": self.query_ids}
+        if self.sparse:
+            arrays.update(indptr=self.scores.indptr, rows=self.scores.rows, values=self.scores.values)
+        else:
+            arrays["scores"] = self.scores
+        for name in ("lambdas", "n_iter", "converged", "gap"):
             if getattr(self, name) is not None:
                 arrays[name] = np.asarray(getattr(self, name))
         sha = store.save_npz(path / "scores.npz", arrays)
         store.write_json(path / "attribution.json", {"method": self.method, "n_train": self.n_train,
-                                                     "n_query": self.n_query, "sign": SIGN, "sha256": sha})
+                                                     "n_query": self.n_query, "sparse": self.sparse,
+                                                     "sign": SIGN, "sha256": sha})
 
     @classmethod
     def load(cls, path: str | Path) -> Attribution:
@@ -90,10 +120,14 @@ class Attribution:
         try:
             meta = store.read_json(path / "attribution.json")
             arrays = store.load_npz(path / "scores.npz")
-        except (OSError, ValueError) as e:
+            if meta.get("sparse", False):
+                arrays["scores"] = SparseScores(arrays.pop("indptr"), arrays.pop("rows"), arrays.pop("values"),
+                                                meta["n_train"])
+            shape = tuple(arrays["scores"].shape)
+        except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"cannot read attribution from {path}: {e}") from e
-        if arrays["scores"].shape != (meta["n_train"], meta["n_query"]):
-            raise ValueError(f"attribution in {path} is corrupted: scores shape {arrays['scores'].shape}")
+        if shape != (meta["n_train"], meta["n_query"]):
+            raise ValueError(f"attribution in {path} is corrupted: scores shape {shape}")
         return cls(method=meta["method"], **arrays)
 
 
@@ -200,25 +234,34 @@ class Stride:
         return responses(m, self.cfg.measure, reference=self.reference)
 
     def recover(self, y_QxK: np.ndarray, query_ids: np.ndarray | None = None) -> Attribution:
-        """Lasso recovery of per-example scores from responses y [Q, K]."""
+        """Lasso recovery of per-example scores from responses y [Q, K] (`recovery.solver`)."""
         self._require_fit()
         rc = self.cfg.recovery
         lam_max = np.asarray(recovery.lambda_max(y_QxK, self.design))
         frac = rc.lambda_frac
+        fista_cfg = dataclasses.replace(rc.fista, nonneg=rc.nonneg)
         if frac == "auto":
-            frac, _ = recovery.select_lambda(y_QxK, self.design, fractions=rc.auto_fractions, cfg=rc.fista)
+            frac, _ = recovery.select_lambda(y_QxK, self.design, fractions=rc.auto_fractions, cfg=fista_cfg)
         lambdas = float(frac) * lam_max
-        res = recovery.fista_lasso(y_QxK, self.design, lambdas, rc.fista)
+        if rc.solver == "working_set":
+            res = recovery.solve_lasso(y_QxK, self.design, lambdas, dataclasses.replace(rc.lasso, nonneg=rc.nonneg),
+                                       sparse=rc.sparse)
+            rule = f"a relative duality gap <= recovery.lasso.tol={rc.lasso.tol} within {rc.lasso.max_outer} rounds"
+        else:
+            res = recovery.fista_lasso(y_QxK, self.design, lambdas, fista_cfg)
+            rule = f"recovery.fista.max_iter={rc.fista.max_iter} iterations"
         q = y_QxK.shape[0]
+        coef = res.coef if isinstance(res.coef, recovery.SparseScores) else np.asarray(res.coef, np.float32)
         attr = Attribution(
-            scores=np.asarray(res.coef, dtype=np.float32), train_ids=self.train_ids,
+            scores=coef, train_ids=self.train_ids,
             query_ids=np.arange(q) if query_ids is None else np.asarray(query_ids),
             lambdas=np.asarray(lambdas, dtype=np.float32).reshape(q), n_iter=np.asarray(res.n_iter).reshape(q),
-            converged=np.asarray(res.converged).reshape(q),
+            converged=np.asarray(res.converged).reshape(q), gap=np.asarray(res.gap, np.float32).reshape(q),
         )
         if attr.n_not_converged:
-            msg = (f"Lasso recovery did not converge for {attr.n_not_converged} of {q} queries within "
-                   f"recovery.fista.max_iter={rc.fista.max_iter}; their scores are approximate")
+            worst = float(np.max(attr.gap[~attr.converged]))
+            msg = (f"Lasso recovery did not converge ({rule}) for {attr.n_not_converged} of {q} queries "
+                   f"(largest relative duality gap {worst:.2e}); their scores are approximate")
             if rc.strict:
                 raise RuntimeError(msg)
             log.warning(msg)

@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from stride_jax.recovery import FistaConfig
+from stride_jax.recovery import FistaConfig, LassoConfig
 
 Placement = Literal["logits", "residual"]
 
@@ -189,12 +189,22 @@ class MeasureConfig:
 class RecoveryConfig:
     """Lasso recovery. lambda = lambda_frac * ||M^T y||_inf per query, or chosen on held-out subsets.
 
+    solver: "working_set" (default: `recovery.solve_lasso`, certified by its duality gap, fast
+      at N >> K; settings in `lasso`) or "fista" (plain FISTA over all N columns, the paper
+      card's solver; settings in `fista`; its `converged` is a relative-change stopping rule).
+    nonneg: constrain the scores to w >= 0 (both solvers; set it here, not in `lasso`/`fista`).
+    sparse: return `SparseScores` (memory follows the nonzeros; working_set only).
     strict: raise (instead of logging a warning) when a query's recovery did not converge.
+    `fista` also sets the held-out fits of lambda_frac="auto".
     """
 
     lambda_frac: float | Literal["auto"] = 0.05
     auto_fractions: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+    solver: Literal["working_set", "fista"] = "working_set"
+    lasso: LassoConfig = LassoConfig()
     fista: FistaConfig = FistaConfig()
+    nonneg: bool = False
+    sparse: bool = False
     strict: bool = False
 
     def __post_init__(self) -> None:
@@ -203,6 +213,13 @@ class RecoveryConfig:
                                                and 0 <= self.lambda_frac < float("inf")):
             raise ValueError(f"recovery.lambda_frac (lambda) must be >= 0 and finite, or 'auto'; got "
                              f"{self.lambda_frac!r}")
+        if self.solver not in ("working_set", "fista"):
+            raise ValueError(f"recovery.solver must be 'working_set' or 'fista', got {self.solver!r}")
+        if self.lasso.nonneg or self.fista.nonneg:
+            raise ValueError("set recovery.nonneg (it applies to both solvers), not recovery.lasso.nonneg or "
+                             "recovery.fista.nonneg")
+        if self.sparse and self.solver != "working_set":
+            raise ValueError("recovery.sparse needs recovery.solver='working_set'")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -172,7 +172,8 @@ def _fista_update(w_N, z_N, t, grad_N, step, l1reg, *, nonneg: bool, restart: bo
     dot = `_column_dot`.
     """
     prox = prox_nonneg_l1 if nonneg else prox_l1
-    w_next_N = prox(z_N - step * grad_N, l1reg, step)
+    row = _as_row if jnp.ndim(w_N) == 2 else (lambda a: a)  # [Q] per-query values over [N, Q]
+    w_next_N = prox(z_N - row(step) * grad_N, row(l1reg), row(step))
     t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
     delta_N = w_next_N - w_N
     momentum = (t - 1.0) / t_next
@@ -180,7 +181,12 @@ def _fista_update(w_N, z_N, t, grad_N, step, l1reg, *, nonneg: bool, restart: bo
         restart_now = dot(z_N - w_next_N, delta_N) > 0
         t_next = jnp.where(restart_now, 1.0, t_next)
         momentum = jnp.where(restart_now, 0.0, momentum)
-    return w_next_N, w_next_N + momentum * delta_N, t_next, delta_N
+    return w_next_N, w_next_N + row(momentum) * delta_N, t_next, delta_N
+
+
+def _as_row(a):
+    """A per-query [Q] value as a [1, Q] row (scalars unchanged), for [N, Q] arithmetic."""
+    return a[None, :] if jnp.ndim(a) == 1 else a
 
 
 def _column_dot(a_NxQ, b_NxQ):
@@ -376,7 +382,7 @@ def _fista_batch(y_QxK, operand, l1reg_Q, lipschitz_const, init_NxQ, *, cfg, n_s
         active_Q = err_Q > cfg.tol
         err_next = jnp.sqrt(_column_dot(delta, delta)) / jnp.maximum(
             jnp.sqrt(_column_dot(w_next, w_next)), 1e-12)
-        return (it + 1, jnp.where(active_Q, w_next, w_NxQ), jnp.where(active_Q, z_next, z_NxQ),
+        return (it + 1, jnp.where(active_Q[None], w_next, w_NxQ), jnp.where(active_Q[None], z_next, z_NxQ),
                 jnp.where(active_Q, t_next, t_Q), jnp.where(active_Q, err_next, err_Q),
                 n_iter_Q + active_Q)
 
@@ -443,7 +449,7 @@ def _sub(op, idx_QxW: jax.Array, n_subsets: int) -> jax.Array:
     blocks = op.blocks_BxNbxS
     ids_QxWxS = blocks.reshape(-1, blocks.shape[-1]).at[idx_QxW].get(mode="promise_in_bounds")
     offset_Q = jnp.arange(idx_QxW.shape[0], dtype=jnp.int32) * (n_subsets + 1)
-    return jnp.moveaxis(ids_QxWxS, -1, 0) + offset_Q[:, None]
+    return jnp.moveaxis(ids_QxWxS, -1, 0) + offset_Q[None, :, None]
 
 
 def _sub_matvec(sub, w_QxW: jax.Array, n_subsets: int) -> jax.Array:
@@ -531,7 +537,7 @@ def _full_pass(op, r_QxK: jax.Array, n_cand: int, n: int, nonneg: bool):
     group_max_QxBG = group_max.reshape(n_blocks * n_groups, -1).T
     _, top_groups_QxP = _top_k_padded(group_max_QxBG, n_cand)
     rows_QxPxG = ((top_groups_QxP // n_groups) * block + top_groups_QxP % n_groups)[:, :, None] \
-        + jnp.arange(_GROUP) * n_groups
+        + (jnp.arange(_GROUP) * n_groups)[None, None, :]
     rows_QxR = rows_QxPxG.reshape(rows_QxPxG.shape[0], -1)
     # [Q, R, S] layout: a row's S ids are one cache line (an [S, Q, R] gather measured 3x slower)
     ids_QxRxS = blocks.reshape(-1, n_per).at[rows_QxR].get(mode="promise_in_bounds")

@@ -88,15 +88,42 @@ def test_with_config_shares_the_fit_and_refuses_fit_changes(planted):
         stride.with_config(stride.cfg.replace(fit={"steps": 5}))
 
 
-def test_unconverged_recovery_is_reported(planted, caplog):
+@pytest.mark.parametrize("recovery", [
+    {"lasso": {"max_outer": 1, "max_iter": 1}},  # the default working-set solver, one short round
+    {"solver": "fista", "fista": {"max_iter": 1}},
+])
+def test_unconverged_recovery_is_reported(planted, caplog, recovery):
     _, _, queries, stride = planted
-    capped = stride.with_config(stride.cfg.replace(recovery={"fista": {"max_iter": 1}, "lambda_frac": 0.001}))
+    capped = stride.with_config(stride.cfg.replace(recovery={**recovery, "lambda_frac": 0.001}))
     with caplog.at_level(logging.WARNING, logger="stride_jax"):
         attr = capped.attribute(queries, progress=False)
     assert attr.n_not_converged > 0 and "did not converge" in caplog.text
+    assert (attr.gap[~attr.converged] > 0).all()
     strict = stride.with_config(capped.cfg.replace(recovery={"strict": True}))
     with pytest.raises(RuntimeError, match="did not converge"):
         strict.attribute(queries, progress=False)
+
+
+def test_solvers_agree_and_sparse_scores_round_trip(planted, tmp_path):
+    """The certified working-set scores equal plain FISTA's (same Lasso); sparse == dense."""
+    _, _, queries, stride = planted
+    ws = stride.attribute(queries, progress=False)
+    assert ws.converged.all() and (ws.gap <= stride.cfg.recovery.lasso.tol).all()
+    fista = stride.with_config(stride.cfg.replace(recovery={"solver": "fista", "fista": {"tol": 1e-7,
+                                                                                         "max_iter": 20000}}))
+    ref = fista.attribute(queries, progress=False)
+    scale = np.abs(ref.scores).max(axis=0)
+    np.testing.assert_allclose(ws.scores, ref.scores, atol=float(1e-2 * scale.max()))
+    assert [i for i, _ in ws.top_k(0, k=4)] == [i for i, _ in ref.top_k(0, k=4)]
+    sparse = stride.with_config(stride.cfg.replace(recovery={"sparse": True})).attribute(queries, progress=False)
+    assert sparse.sparse and sparse.scores.nnz == int((ws.scores != 0).sum())
+    np.testing.assert_array_equal(sparse.dense(), ws.scores)
+    assert sparse.top_k(0, k=5) == ws.top_k(0, k=5) and sparse.top_k(1, k=3, harmful=True) == ws.top_k(1, k=3, harmful=True)
+    sparse.save(tmp_path / "s")
+    back = Attribution.load(tmp_path / "s")
+    assert back.sparse and back.scores.nnz == sparse.scores.nnz
+    np.testing.assert_array_equal(back.dense(), ws.scores)
+    np.testing.assert_array_equal(back.gap, sparse.gap)
 
 
 def test_fit_workdir_rejects_another_model_and_resumes_the_same(planted, tmp_path):

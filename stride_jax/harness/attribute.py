@@ -5,8 +5,9 @@
 
 `model` is a GGUF file, a Hugging Face safetensors folder or a stride_jax checkpoint directory;
 `train` / `queries` are jsonl files with `text` or `prompt` + `response` records (only response
-tokens count) or text files with one example per line. Writes `out/scores.npz` (`scores`
-[N, Q], positive = helps the query, `train_ids`, `query_ids`), `out/top_k.jsonl` (per query its
+tokens count) or text files with one example per line. Writes `out/scores.npz` +
+`out/attribution.json` (`Attribution.load(out)`: `scores` [N, Q], positive = helps the query,
+`train_ids`, `query_ids`, per-query `converged` and duality `gap`), `out/top_k.jsonl` (per query its
 most helpful and most harmful training examples with text and score), `out/config.json` (the
 resolved StrideConfig) and the resumable fit in `out/fit`; a rerun after a kill resumes.
 """
@@ -76,8 +77,7 @@ def attribute(*, model: str, train: str, queries: str, out: str, preset: str = "
         qs = _examples(queries, tokenizer, pool.inputs.shape[1] if seq_len is None else seq_len, context, "queries")
         stride = Stride(cfg).fit(net, pool, workdir=out_dir / "fit", progress=progress)
         attr = stride.attribute(qs, progress=progress)
-        store.save_npz(out_dir / "scores.npz", {"scores": attr.scores, "train_ids": attr.train_ids,
-                                                "query_ids": attr.query_ids, "converged": attr.converged})
+        attr.save(out_dir)  # scores.npz + attribution.json (Attribution.load reads them back)
         lines = []
         for q in range(attr.n_query):
             entry = {"query_id": int(qs.ids[q]), "query": qs.texts[q], "converged": bool(attr.converged[q])}
@@ -90,7 +90,7 @@ def attribute(*, model: str, train: str, queries: str, out: str, preset: str = "
                                                    "model": str(model), "train": str(train), "queries": str(queries),
                                                    "seq_len": int(pool.inputs.shape[1]),
                                                    "seconds": {k: round(v, 2) for k, v in stride.timings.items()}})
-    log.info("wrote %s (scores.npz, top_k.jsonl, config.json)", out_dir)
+    log.info("wrote %s (scores.npz, attribution.json, top_k.jsonl, config.json)", out_dir)
     return out_dir
 
 

@@ -70,12 +70,12 @@ def _variants(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, run_dir: 
             row = {"cell": cell, "group": group, "variant": name, "override": variants[name], "seconds": r.seconds,
                    "error": r.error}
             if r.attr is not None:
-                row["lds_val"] = p.lds(r.attr.scores, "val", alpha, n_boot)
+                row["lds_val"] = p.lds(r.attr.dense(), "val", alpha, n_boot)
                 val[name] = row["lds_val"]["mean"]
                 if cfg.select is None and cfg.split == "test":  # a pure sweep / ablation reports test too
-                    row["lds_test"] = p.lds(r.attr.scores, "test", alpha, cfg.n_boot)
+                    row["lds_test"] = p.lds(r.attr.dense(), "test", alpha, cfg.n_boot)
                 row["not_converged"] = r.attr.n_not_converged
-                test = r.attr.scores[:, p.test_cols]
+                test = r.attr.dense()[:, p.test_cols]
                 row["nnz_median"] = float(np.median((test != 0).sum(axis=0)))
             else:
                 log.warning("[%s] variant %r: %s", cell or cfg.name, name, r.error)
@@ -185,8 +185,8 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
             report["selection"] += selection
             scored: dict[str, np.ndarray] = {}
             for name, (attr, rec) in chosen.items():
-                report["rows"] += _lds_rows(p, cfg, cell, name, attr.scores, rec)
-                scored[name] = attr.scores
+                report["rows"] += _lds_rows(p, cfg, cell, name, attr.dense(), rec)
+                scored[name] = attr.dense()
             for spec in cfg.methods:
                 if spec.cells and cell not in spec.cells:
                     continue
@@ -195,9 +195,9 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
                 if res is None:
                     continue
                 attr, rec = res
-                rows = _lds_rows(p, cfg, cell, spec.name, attr.scores, rec)
+                rows = _lds_rows(p, cfg, cell, spec.name, attr.dense(), rec)
                 report["rows"] += rows
-                scored[spec.name] = attr.scores
+                scored[spec.name] = attr.dense()
                 log.info("[%s] %-14s LDS %.3f %s  %.1f s", cell or cfg.name, spec.name, rows[0]["lds"]["mean"],
                          [round(x, 3) for x in rows[0]["lds"]["ci95"]], rec["seconds"].get("total", 0.0))
             if cfg.counterfactual is not None:
