@@ -77,8 +77,9 @@ class LDSResult(NamedTuple):
     per_query: np.ndarray
 
     def to_dict(self) -> dict:
-        return {"mean": float(self.mean), "ci95": [float(self.ci95[0]), float(self.ci95[1])],
-                "n_nan": int(self.n_nan)}
+        """JSON-ready; NaN (no finite query) becomes None (JSON null)."""
+        num = lambda x: float(x) if np.isfinite(x) else None  # noqa: E731
+        return {"mean": num(self.mean), "ci95": [num(self.ci95[0]), num(self.ci95[1])], "n_nan": int(self.n_nan)}
 
 
 class _PairedResampler:

@@ -89,8 +89,11 @@ def _features_fn(params, rest, batch, key, proj_PxK, *, graphdef, classification
     x_B, y_B = batch[0], batch[1]
     logits = nnx.merge(graphdef, params, rest)(x_B, batch[2])
     if classification:
-        p_B = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), y_B[:, None], axis=1)[:, 0]
-        q_B = 1.0 - p_B
+        # 1 - p(y|x) = sigmoid(-margin): 1 - p rounds to exactly 0 in float32 once p > 1 - 6e-8
+        # (a classifier trained to zero loss), which zeroed every score; the sigmoid does not
+        logit_B = jnp.take_along_axis(logits, y_B[:, None], axis=1)[:, 0]
+        others_BxV = jnp.where(jax.nn.one_hot(y_B, logits.shape[-1], dtype=bool), -jnp.inf, logits)
+        q_B = jax.nn.sigmoid(jax.nn.logsumexp(others_BxV, axis=-1) - logit_B)
     else:
         q_B = jnp.ones(x_B.shape[0], jnp.float32)
     if k is None:

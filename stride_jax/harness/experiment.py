@@ -71,7 +71,8 @@ def _variants(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, run_dir: 
                    "error": r.error}
             if r.attr is not None:
                 row["lds_val"] = p.lds(r.attr.dense(), "val", alpha, n_boot)
-                val[name] = row["lds_val"]["mean"]
+                if row["lds_val"]["mean"] is not None:  # None: no query had a finite LDS
+                    val[name] = row["lds_val"]["mean"]
                 if cfg.select is None and cfg.split == "test":  # a pure sweep / ablation reports test too
                     row["lds_test"] = p.lds(r.attr.dense(), "test", alpha, cfg.n_boot)
                 row["not_converged"] = r.attr.n_not_converged
@@ -179,7 +180,7 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
             })
             log.info("[%s] %s parameters, %d training examples, noise ceiling %s", cell or cfg.name,
                      f"{p.info['params']:,}", p.info["n_train"],
-                     {a: round(c.get("mean", float("nan")), 3) for a, c in report["cells"][-1]["noise_ceiling"].items()})
+                     {a: report_lib.fmt_lds(c) for a, c in report["cells"][-1]["noise_ceiling"].items()})
             variant_rows, selection, chosen = _variants(p, cfg, cell, run_dir, progress)
             report["variants"] += variant_rows
             report["selection"] += selection
@@ -198,8 +199,8 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
                 rows = _lds_rows(p, cfg, cell, spec.name, attr.dense(), rec)
                 report["rows"] += rows
                 scored[spec.name] = attr.dense()
-                log.info("[%s] %-14s LDS %.3f %s  %.1f s", cell or cfg.name, spec.name, rows[0]["lds"]["mean"],
-                         [round(x, 3) for x in rows[0]["lds"]["ci95"]], rec["seconds"].get("total", 0.0))
+                log.info("[%s] %-14s LDS %s  %.1f s", cell or cfg.name, spec.name, report_lib.fmt_lds(rows[0]["lds"]),
+                         rec["seconds"].get("total", 0.0))
             if cfg.counterfactual is not None:
                 if not isinstance(task, ClassifierTask):
                     raise ValueError("counterfactual removal is implemented for classifier tasks")
