@@ -32,9 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from stride_jax import models, steering, store
+from stride_jax import models, sharding, steering, store
 from stride_jax.config import FitShape, SteeringConfig, StrideConfig, to_dict
 from stride_jax.design import Design, design_matvec
 from stride_jax.models import example_loss
@@ -166,12 +168,20 @@ def _gather(model, data: FitData, idx: jax.Array, key: jax.Array, shape: FitShap
 
 
 def fit_loss(trainable, model_state, data: FitData, key, hyper, *, model_graphdef, op_graphdef,
-             steer_cfg: SteeringConfig, shape: FitShape, log_space: bool, loss_floor: float):
-    """The fit objective on one sampled batch of subsets; differentiable in `trainable` only."""
+             steer_cfg: SteeringConfig, shape: FitShape, log_space: bool, loss_floor: float,
+             batch_sharding: NamedSharding | None = None):
+    """The fit objective on one sampled batch of subsets; differentiable in `trainable` only.
+
+    `batch_sharding` (on a mesh) splits this step's subsets over devices: each device computes
+    the losses of its share (data parallel); the value is unchanged.
+    """
     basis, coef = trainable
     model = nnx.merge(model_graphdef, model_state)
     n_subsets = jax.tree_util.tree_leaves(coef)[0].shape[0]
     ks, fid_idx, stab_idx, stab_w, probe_idx = sample_batch(key, data, n_subsets, shape)
+    if batch_sharding is not None:
+        ks, fid_idx, stab_idx, stab_w = jax.lax.with_sharding_constraint((ks, fid_idx, stab_idx, stab_w),
+                                                                          batch_sharding)
     coef_b = jax.tree.map(lambda x: x[ks], coef)
 
     def steer(coef_k, h, o, mask):
@@ -210,7 +220,8 @@ def fit_loss(trainable, model_state, data: FitData, key, hyper, *, model_graphde
 
 
 def fit_step(state: FitState, model_state, data: FitData, base_key, hyper, *, model_graphdef, op_graphdef,
-             steer_cfg: SteeringConfig, shape: FitShape, log_space: bool, loss_floor: float):
+             steer_cfg: SteeringConfig, shape: FitShape, log_space: bool, loss_floor: float,
+             batch_sharding: NamedSharding | None = None):
     """One Adam step on basis and operator matrices. Pure; the key is derived from the step.
 
     `hyper` holds traced scalars (learning rate, loss weights): changing them reuses the
@@ -219,7 +230,8 @@ def fit_step(state: FitState, model_state, data: FitData, base_key, hyper, *, mo
     key = jax.random.fold_in(base_key, state.step)
     grads, metrics = jax.grad(fit_loss, has_aux=True)(
         (state.basis, state.coef), model_state, data, key, hyper, model_graphdef=model_graphdef,
-        op_graphdef=op_graphdef, steer_cfg=steer_cfg, shape=shape, log_space=log_space, loss_floor=loss_floor)
+        op_graphdef=op_graphdef, steer_cfg=steer_cfg, shape=shape, log_space=log_space, loss_floor=loss_floor,
+        batch_sharding=batch_sharding)
     updates, opt_state = optax.scale_by_adam().update(grads, state.opt_state)
     updates = jax.tree.map(lambda u: -hyper["learning_rate"] * u, updates)
     basis, coef = optax.apply_updates((state.basis, state.coef), updates)
@@ -228,6 +240,30 @@ def fit_step(state: FitState, model_state, data: FitData, base_key, hyper, *, mo
 
 _STATIC = ("model_graphdef", "op_graphdef", "steer_cfg", "shape", "log_space", "loss_floor")
 _fit_step = jax.jit(fit_step, static_argnames=_STATIC, donate_argnums=(0,))
+
+
+def _place_state(state: FitState, mesh: Mesh, axis: str, put) -> FitState:
+    """`put(tree, sharding)` on every part of the state: the K-axis operator matrices and their
+    Adam moments split over `mesh[axis]`, the shared basis, step and Adam count replicated."""
+    rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
+    adam = state.opt_state  # optax.ScaleByAdamState(count, mu, nu); mu and nu mirror (basis, coef)
+    moments = lambda m: (put(m[0], rep), put(m[1], split))
+    adam = adam._replace(count=put(adam.count, rep), mu=moments(adam.mu), nu=moments(adam.nu))
+    return FitState(put(state.basis, rep), put(state.coef, split), adam, put(state.step, rep))
+
+
+def _fit_step_on_mesh(state, model_state, data, base_key, hyper, *, mesh: Mesh, axis: str, **static):
+    """`fit_step` on a mesh: XLA partitions the step (GSPMD) from the input shardings and from
+    this step's subsets split over devices (when subsets_per_step is a multiple of the axis
+    size); the new state is constrained to the same layout, so operators and Adam moments stay
+    split over K."""
+    split = static["shape"].subsets_per_step % sharding.axis_size(mesh, axis) == 0
+    state, metrics = fit_step(state, model_state, data, base_key, hyper,
+                              batch_sharding=NamedSharding(mesh, P(axis)) if split else None, **static)
+    return _place_state(state, mesh, axis, jax.lax.with_sharding_constraint), metrics
+
+
+_fit_step_sharded = jax.jit(_fit_step_on_mesh, static_argnames=_STATIC + ("mesh", "axis"), donate_argnums=(0,))
 
 
 def jl_sketch(design: Design, sketch_dim: int, seed: int) -> jax.Array:
@@ -255,13 +291,30 @@ class Fitter:
     records the fingerprints of the model, the data and the settings; a mismatch raises
     `store.IdentityError` naming the fields. The step count lives in Python and metrics are
     read one step late, so the loop never waits on the device.
+
+    With a `mesh`, the K operator matrices and their Adam moments are split over its `axis`
+    ("subsets", or the only axis of a 1-D mesh; K must be a multiple of its size); the basis,
+    the frozen model and the design are replicated, and the cached pool states too, or split
+    over examples with `shard_pool=True` (N a multiple of the axis size; less memory per
+    device, a gather per step). XLA partitions each step from these layouts. Results equal
+    the single-device fit up to float32 reassociation; checkpoints are the same files.
     """
 
     def __init__(self, model: nnx.Module, examples, design: Design, cfg: StrideConfig, *,
-                 workdir: str | Path | None = None, progress: bool = False):
+                 workdir: str | Path | None = None, progress: bool = False, mesh: Mesh | None = None,
+                 axis: str = "subsets", shard_pool: bool = False):
         if len(examples) != design.n_examples:
             raise ValueError(f"design covers {design.n_examples} examples but the pool has {len(examples)}")
         models.check_examples(model.cfg, examples)
+        self.mesh, self.axis = mesh, None if mesh is None else sharding.axis_of(mesh, axis)
+        if mesh is not None:
+            n_dev = sharding.axis_size(mesh, self.axis)
+            if design.n_subsets % n_dev:
+                raise ValueError(f"K={design.n_subsets} operators do not split evenly over the {n_dev} devices of "
+                                 f"mesh axis {self.axis!r}")
+            if shard_pool and len(examples) % n_dev:
+                raise ValueError(f"shard_pool=True needs the pool size N={len(examples)} to be a multiple of the "
+                                 f"{n_dev} devices of mesh axis {self.axis!r}")
         steer_cfg = cfg.steering.resolve(model.n_layers)
         self.cfg = cfg.replace(steering={"layer": steer_cfg.layer, "depth_fraction": None})
         self.design = design
@@ -289,6 +342,14 @@ class Fitter:
         self._step = 0
         self.base_key = jax.random.PRNGKey(cfg.fit.seed)
         self.initial_loss: float | None = None
+        if mesh is not None:
+            self.model_state, self.base_key = sharding.replicate((self.model_state, self.base_key), mesh)
+            pool = ("h", "h_out", "targets", "weights", "mask") if shard_pool else ()
+            self.data = self.data._replace(**{
+                name: (jax.device_put(a, NamedSharding(mesh, P(self.axis))) if name in pool
+                       else sharding.replicate(a, mesh))
+                for name, a in self.data._asdict().items()})
+            self.state = _place_state(self.state, mesh, self.axis, jax.device_put)
         if self.workdir is not None:
             self._restore()
 
@@ -316,6 +377,8 @@ class Fitter:
             raise ValueError(f"checkpoint {path} does not fit this fit's state (shapes differ); delete it")
         restored = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[f"a{i}"]) for i in range(len(leaves))])
         self.state = self._unpure(restored)
+        if self.mesh is not None:
+            self.state = _place_state(self.state, self.mesh, self.axis, jax.device_put)
         self._step = int(step)
         meta = store.read_json(path / "meta.json")
         self.initial_loss = meta.get("initial_loss")
@@ -371,6 +434,11 @@ class Fitter:
         static = dict(model_graphdef=self.model_graphdef, op_graphdef=self.op_graphdef,
                       steer_cfg=self.cfg.steering, shape=fit_cfg.shape,
                       log_space=self.cfg.measure.space == "log", loss_floor=float(self.cfg.measure.loss_floor))
+        step_fn = _fit_step
+        if self.mesh is not None:
+            hyper = sharding.replicate(hyper, self.mesh)
+            static.update(mesh=self.mesh, axis=self.axis)
+            step_fn = _fit_step_sharded
         log_path = self.workdir / "metrics.jsonl" if self.workdir is not None else None
         bar = tqdm(total=fit_cfg.steps, initial=self._step, desc="fit operators", disable=not progress)
         t0 = time.perf_counter()
@@ -384,7 +452,7 @@ class Fitter:
                     f.write(json.dumps({"step": step, "seconds": round(time.perf_counter() - t0, 3), **m}) + "\n")
 
         while self._step < end:
-            self.state, metrics = _fit_step(self.state, self.model_state, self.data, self.base_key, hyper, **static)
+            self.state, metrics = step_fn(self.state, self.model_state, self.data, self.base_key, hyper, **static)
             self._step += 1
             if pending is not None:
                 flush(*pending)
@@ -410,9 +478,9 @@ class Fitter:
 
 
 def fit_operators(model: nnx.Module, examples, design: Design, cfg: StrideConfig, *,
-                  workdir: str | Path | None = None, progress: bool = True) -> OperatorBank:
-    """Fit all K operators for `model` on the pool `examples` under `design`."""
-    return Fitter(model, examples, design, cfg, workdir=workdir, progress=progress).run(progress=progress)
+                  workdir: str | Path | None = None, progress: bool = True, mesh: Mesh | None = None) -> OperatorBank:
+    """Fit all K operators for `model` on the pool `examples` under `design` (split over `mesh`)."""
+    return Fitter(model, examples, design, cfg, workdir=workdir, progress=progress, mesh=mesh).run(progress=progress)
 
 
 __all__ = ["FitData", "FitState", "Fitter", "compute_features", "fit_identity", "fit_loss", "fit_operators",

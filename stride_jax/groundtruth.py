@@ -15,7 +15,12 @@ validated on-disk store:
 
 A model is named by (subset j, seed r), flat id j * R + r; `start`/`end` in a chunk's name are
 the first flat id and the last flat id + 1 it holds. Chunks are written atomically, so a run
-killed in the middle resumes from the chunks already on disk.
+killed in the middle resumes from the chunks already on disk. A sweep holds `<dir>/.lock`; the
+processes of a cooperative sweep (`run_groundtruth(process_index=, process_count=)`) each hold
+`<dir>/.shares/<index>-of-<count>/.lock` instead and write disjoint chunks.
+
+A fine-tuning store (`create_or_open(..., start=model, tune=train.Tune(...))`) records the start
+model's parameter digest and the Tune settings in meta.json and its fingerprint.
 
 Axis letters (local to this module): M subsets (the paper's m), R seeds per subset, Q queries,
 Ns examples per subset, C models in a chunk.
@@ -30,10 +35,12 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from stride_jax import design
+from stride_jax import design, models
+from stride_jax import sharding as sharding_lib
 from stride_jax import store as store_lib
 from stride_jax import train as train_lib
 
@@ -46,6 +53,8 @@ _TMP_PREFIX = store_lib.TMP_PREFIX
 # models_per_chunk is part of the fingerprint: vmapping P models at once changes float32 results
 # (by up to ~5e-7 in the losses), so a store is resumed with the chunk size it was made with.
 _EXECUTION_ONLY_FIELDS: tuple[str, ...] = ()
+_FINE_TUNING_FIELDS = ("start", "tune")  # in the identity of fine-tuning stores only
+_SHARES = ".shares"  # per-process claims of cooperative sweeps: <dir>/.shares/<index>-of-<count>/.lock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,13 +105,31 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
     raise TypeError(f"cannot record config of type {type(cfg).__name__}: no to_dict()")
 
 
+def _fine_tuning(model_cfg: Any, start: Any, tune: Any) -> Any:
+    """The Tune of a fine-tuning store (Tune() when only a start model is given), else None."""
+    if start is None:
+        if tune is not None:
+            raise ValueError("tune= needs start=: a ground truth fine-tunes a given start model")
+        return None
+    if getattr(start, "cfg", None) != model_cfg:
+        raise ValueError(f"the start model has config {getattr(start, 'cfg', None)}, not model_cfg {model_cfg}")
+    return train_lib.Tune() if tune is None else tune
+
+
 def _identity(
     cfg: GroundTruthConfig, model_cfg: Any, train_cfg: Any, train_examples: Any,
-    query_examples: Any,
+    query_examples: Any, start: Any = None, tune: Any = None,
 ) -> dict[str, Any]:
-    """What decides the store's results; its canonical JSON is hashed into the fingerprint."""
+    """What decides the store's results; its canonical JSON is hashed into the fingerprint.
+
+    A fine-tuning store also records the start model's parameter digest and the Tune settings
+    (absent for retraining from scratch, so older stores keep their fingerprint).
+    """
     gt = {k: v for k, v in cfg.to_dict().items() if k not in _EXECUTION_ONLY_FIELDS}
+    tune = _fine_tuning(model_cfg, start, tune)
+    extra = {} if tune is None else {"start": models.param_digest(start), "tune": tune.to_dict()}
     return store_lib.normalise({
+        **extra,
         "format_version": FORMAT_VERSION,
         "groundtruth": gt,
         "model_type": type(model_cfg).__name__,
@@ -123,7 +150,8 @@ def _identity_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
     gt = {k: v for k, v in meta["groundtruth"].items() if k not in _EXECUTION_ONLY_FIELDS}
     keys = ("format_version", "model_type", "model", "train", "train_data_hash",
             "query_data_hash", "n_train", "n_query")
-    return {"groundtruth": gt, **{k: meta[k] for k in keys}}
+    extra = {k: meta[k] for k in _FINE_TUNING_FIELDS if k in meta}
+    return {**extra, "groundtruth": gt, **{k: meta[k] for k in keys}}
 
 
 def _describe_difference(path: Path, stored: dict[str, Any], asked: dict[str, Any]) -> str:
@@ -172,14 +200,17 @@ class GroundTruthStore:
     @classmethod
     def create_or_open(
         cls, path: str | os.PathLike, cfg: GroundTruthConfig, model_cfg: Any, train_cfg: Any,
-        train_examples: Any, query_examples: Any,
+        train_examples: Any, query_examples: Any, *, start: Any = None, tune: Any = None,
     ) -> "GroundTruthStore":
         """Opens the store at `path` for writing, creating it if needed.
 
-        Raises ValueError if the directory holds a store made with other configs or data.
+        With `start` (a model of config `model_cfg`) the store holds fine-tunes of that model
+        (`tune`: a `train.Tune`, default full fine-tuning); its parameter digest and the Tune
+        are part of the store's identity. Raises ValueError (`store.IdentityError`, naming the
+        fields) if the directory holds a store made with other configs, data or start model.
         """
         path = Path(path)
-        identity = _identity(cfg, model_cfg, train_cfg, train_examples, query_examples)
+        identity = _identity(cfg, model_cfg, train_cfg, train_examples, query_examples, start, tune)
         fingerprint = _fingerprint(identity)
         if (path / _META).exists():
             meta = cls._read_meta(path)
@@ -190,7 +221,7 @@ class GroundTruthStore:
         if path.exists():
             leftovers = sorted(p.name for p in path.iterdir()
                                if p.name not in (_SUBSETS, _SEEDS)
-                               and not p.name.startswith(_TMP_PREFIX))
+                               and not p.name.startswith((_TMP_PREFIX, _SHARES)))
             if leftovers:
                 raise ValueError(
                     f"{path} exists but is not a ground-truth store (no {_META}; it holds "
@@ -416,7 +447,8 @@ class GroundTruthStore:
 def run_groundtruth(
     store: GroundTruthStore, model_cfg: Any, train_cfg: Any, train_examples: Any,
     query_examples: Any, *, progress: bool = True, max_models: int | None = None,
-    eval_batch_size: int = 256,
+    eval_batch_size: int = 256, start: Any = None, tune: Any = None, mesh: Any = None,
+    process_index: int | None = None, process_count: int | None = None, wait: bool = True,
 ) -> GroundTruthStore:
     """Trains every pending model of `store` and records its query losses.
 
@@ -425,27 +457,62 @@ def run_groundtruth(
     chunk holds the same models whether or not the sweep was interrupted before it. Each chunk is
     written as soon as it is done. `max_models` stops after that many models (to split the work,
     or in tests to simulate a crash).
+
+    - `start`, `tune`: fine-tune `start` on each subset (`train.finetune_many`) instead of
+      training fresh models; they must be those the store was made with.
+    - `mesh`: split each chunk's models over the mesh's "models" axis (or its only axis); with
+      several processes, a mesh of this process's devices (`jax.local_devices()`).
+    - `process_index`, `process_count` (default: `jax.process_index()`, `jax.process_count()`):
+      cooperative writers. Process i trains the chunks c with c % process_count == i; each
+      holds a lock on its own share (a second process claiming the same share is refused)
+      instead of the store-wide lock, and writes only its own chunks (atomically). With
+      `wait` and a `jax.distributed` run of process_count processes, it then waits for the
+      others (`multihost_utils.sync_global_devices`) and reads their chunks, so every process
+      returns the complete store.
     """
-    asked = _identity(store.cfg, model_cfg, train_cfg, train_examples, query_examples)
+    asked = _identity(store.cfg, model_cfg, train_cfg, train_examples, query_examples, start, tune)
     if _fingerprint(asked) != store.fingerprint:
         raise store_lib.IdentityError(_describe_difference(store.path, _identity_from_meta(store.meta), asked))
     if store.read_only:
         raise ValueError(f"ground-truth store at {store.path} was opened read-only; use "
                          "GroundTruthStore.create_or_open to run it")
-    with store_lib.Lock(store.path):
-        return _run_pending(store, model_cfg, train_cfg, train_examples, query_examples, progress=progress,
-                            max_models=max_models, eval_batch_size=eval_batch_size)
+    tune = _fine_tuning(model_cfg, start, tune)
+    if process_index is None or process_count is None:
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is outside [0, process_count={process_count})")
+    if mesh is not None and process_count > 1:
+        sharding_lib.check_local(mesh, "a cooperative ground-truth sweep")
+    run = dict(progress=progress, max_models=max_models, eval_batch_size=eval_batch_size, start=start,
+               tune=tune, mesh=mesh, share=(process_index, process_count))
+    if process_count == 1:
+        with store_lib.Lock(store.path):
+            store_lib.clean_leftovers(store.path)  # temporary files of a killed write (the lock is ours)
+            return _run_pending(store, model_cfg, train_cfg, train_examples, query_examples, **run)
+    with store_lib.Lock(store.path / _SHARES / f"{process_index}-of-{process_count}"):
+        # Other writers may be mid-write: only temporary files an hour old are a killed write's.
+        store_lib.clean_leftovers(store.path, older_than_s=3600.0)
+        _run_pending(store, model_cfg, train_cfg, train_examples, query_examples, **run)
+    if wait:
+        if jax.process_count() == process_count:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"stride_jax ground truth {store.fingerprint[:16]}")
+        store.refresh()
+    return store
 
 
 def _run_pending(store: GroundTruthStore, model_cfg: Any, train_cfg: Any, train_examples: Any,
                  query_examples: Any, *, progress: bool, max_models: int | None,
-                 eval_batch_size: int) -> GroundTruthStore:
-    store_lib.clean_leftovers(store.path)  # temporary files of a killed write (the lock is ours)
+                 eval_batch_size: int, start: Any, tune: Any, mesh: Any,
+                 share: tuple[int, int]) -> GroundTruthStore:
     store.refresh()  # chunks another process finished while this one waited
-    todo = store.pending()
+    index, count = share
+    r, p = store.cfg.seeds_per_subset, store.cfg.models_per_chunk
+    todo = [(j, s) for j, s in store.pending() if ((j * r + s) // p) % count == index]
     if max_models is not None:
         todo = todo[:max(0, max_models)]
-    r, p = store.cfg.seeds_per_subset, store.cfg.models_per_chunk
     groups: dict[int, list[tuple[int, int]]] = {}
     for j, s in todo:
         groups.setdefault((j * r + s) // p, []).append((j, s))
@@ -456,11 +523,16 @@ def _run_pending(store: GroundTruthStore, model_cfg: Any, train_cfg: Any, train_
         for group in groups.values():
             j_C = np.asarray([j for j, _ in group])
             r_C = np.asarray([s for _, s in group])
-            graphdef, state_C = train_lib.train_many(
-                model_cfg, train_examples, subset_idx_MxNs[j_C], seeds_MxR[j_C, r_C], train_cfg,
-                progress=False)
-            losses_CxQ = train_lib.eval_losses(graphdef, state_C, query_examples,
-                                               batch_size=eval_batch_size)
+            if start is None:
+                graphdef, state_C = train_lib.train_many(
+                    model_cfg, train_examples, subset_idx_MxNs[j_C], seeds_MxR[j_C, r_C], train_cfg,
+                    progress=False, mesh=mesh)
+                losses_CxQ = train_lib.eval_losses(graphdef, state_C, query_examples,
+                                                   batch_size=eval_batch_size)
+            else:
+                tuned = train_lib.finetune_many(start, train_examples, subset_idx_MxNs[j_C], seeds_MxR[j_C, r_C],
+                                                train_cfg, tune, progress=False, mesh=mesh)
+                losses_CxQ = tuned.eval_losses(query_examples, batch_size=eval_batch_size)
             store.write_chunk(j_C, r_C, np.asarray(losses_CxQ))
             bar.update(len(group))
     return store

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from stride_jax import data, design, groundtruth, models, train
+from stride_jax import store as store_lib
 from stride_jax.groundtruth import GroundTruthConfig, GroundTruthStore
 from stride_jax.lds import noise_ceiling
 
@@ -33,9 +36,10 @@ def _cfg(**kw) -> GroundTruthConfig:
 
 
 def _create(path, cfg=None, model_cfg=MODEL_CFG, train_cfg=TRAIN_CFG, train_ex=TRAIN_EX,
-            query_ex=QUERY_EX) -> GroundTruthStore:
+            query_ex=QUERY_EX, tune_only=False) -> GroundTruthStore:
+    kw = {"tune": train.Tune()} if tune_only else {}
     return GroundTruthStore.create_or_open(path, cfg or _cfg(), model_cfg, train_cfg, train_ex,
-                                           query_ex)
+                                           query_ex, **kw)
 
 
 def _fake_losses(j: int, r: int) -> np.ndarray:
@@ -384,3 +388,135 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
     assert not np.allclose(losses[0], losses[1])  # so do subsets
     ceiling = noise_ceiling(*groundtruth.noise_ceiling_losses(resumed), n_boot=50)
     assert -1.0 <= ceiling.mean <= 1.0
+
+
+# ----------------------------------------------------------------------------- fine-tuning stores
+
+
+START = models.build(MODEL_CFG, 0)
+LORA = train.Tune("lora", rank=2)
+
+
+def test_fine_tuning_store_records_and_checks_its_start_model(tmp_path):
+    store = _create_ft(tmp_path / "gt")
+    meta = json.loads((tmp_path / "gt" / "meta.json").read_text())
+    assert meta["start"] == models.param_digest(START) and meta["tune"] == LORA.to_dict()
+    assert GroundTruthStore.open(tmp_path / "gt").fingerprint == store.fingerprint
+    other = models.build(MODEL_CFG, 1)
+    with pytest.raises(store_lib.IdentityError, match="start=") as err:
+        _create_ft(tmp_path / "gt", start=other)
+    assert models.param_digest(other)[:20] in str(err.value)
+    with pytest.raises(store_lib.IdentityError, match="tune.mode"):
+        _create_ft(tmp_path / "gt", tune=train.Tune("top", layers=1))
+    with pytest.raises(store_lib.IdentityError, match="start="):  # a retraining run on a fine-tuning store
+        _create(tmp_path / "gt")
+    with pytest.raises(store_lib.IdentityError, match="start="):
+        groundtruth.run_groundtruth(store, MODEL_CFG, TRAIN_CFG, TRAIN_EX, QUERY_EX, start=other, tune=LORA,
+                                    progress=False)
+    with pytest.raises(ValueError, match="needs start"):
+        _create(tmp_path / "other", cfg=None, tune_only=True)
+
+
+def _create_ft(path, start=START, tune=LORA, cfg=None):
+    return GroundTruthStore.create_or_open(path, cfg or _cfg(), MODEL_CFG, TRAIN_CFG, TRAIN_EX, QUERY_EX,
+                                           start=start, tune=tune)
+
+
+def test_retraining_store_identity_is_unchanged_by_fine_tuning_fields(tmp_path):
+    """Stores that retrain from scratch keep the fingerprint they had before fine-tuning existed."""
+    store = _create(tmp_path / "gt")
+    meta = json.loads((tmp_path / "gt" / "meta.json").read_text())
+    assert "start" not in meta and "tune" not in meta
+    assert store.fingerprint == store_lib.fingerprint(groundtruth._identity(
+        _cfg(), MODEL_CFG, TRAIN_CFG, TRAIN_EX, QUERY_EX))
+
+
+@pytest.mark.slow
+def test_fine_tuning_sweep_records_finetune_losses(tmp_path):
+    """run_groundtruth(start=, tune=) stores exactly the query losses of train.finetune_many on
+    the store's subsets and seeds (the same program: bitwise)."""
+    cfg = _cfg(n_subsets=2, seeds_per_subset=1, models_per_chunk=2)
+    store = _create_ft(tmp_path / "gt", cfg=cfg)
+    groundtruth.run_groundtruth(store, MODEL_CFG, TRAIN_CFG, TRAIN_EX, QUERY_EX, start=START, tune=LORA,
+                                progress=False)
+    tuned = train.finetune_many(START, TRAIN_EX, store.subsets(), store.seeds()[:, 0], TRAIN_CFG, LORA,
+                                progress=False)
+    np.testing.assert_array_equal(store.losses()[:, 0], tuned.eval_losses(QUERY_EX))
+    base = train.eval_loss(START, QUERY_EX)
+    assert not np.allclose(store.losses()[0, 0], base)  # the models moved away from the start
+
+
+def test_sweep_passes_start_tune_and_mesh_through(tmp_path, monkeypatch):
+    """A fine-tuning sweep calls finetune_many (never train_many) with the store's start model,
+    Tune and the mesh; a retraining sweep hands the mesh to train_many."""
+    calls = []
+
+    class FakeTuned:
+        def __init__(self, seeds_M):
+            self.seeds_M = seeds_M
+
+        def eval_losses(self, examples, **kw):
+            return np.tile(self.seeds_M[:, None] % 97, (1, len(examples))).astype(np.float32)
+
+    def finetune_many(start, examples, subset_idx_MxNs, seeds_M, cfg, tune, **kw):
+        calls.append(("finetune", start is START, tune, kw["mesh"]))
+        return FakeTuned(np.asarray(seeds_M))
+
+    def train_many(*args, **kw):
+        raise AssertionError("a fine-tuning sweep must not train from scratch")
+
+    monkeypatch.setattr(train, "finetune_many", finetune_many)
+    monkeypatch.setattr(train, "train_many", train_many)
+    mesh = object()  # passed through untouched
+    store = _create_ft(tmp_path / "gt")
+    groundtruth.run_groundtruth(store, MODEL_CFG, TRAIN_CFG, TRAIN_EX, QUERY_EX, start=START, tune=LORA,
+                                mesh=mesh, progress=False)
+    assert calls == [("finetune", True, LORA, mesh)] * 4 and store.is_complete()
+    np.testing.assert_array_equal(store.losses()[..., 0], store.seeds() % 97)
+    monkeypatch.undo()
+    trainer = _CountingTrainer(monkeypatch, fake=True)
+    seen = []
+    fake_train = trainer.train_many
+    monkeypatch.setattr(train, "train_many", lambda *a, **kw: (seen.append(kw.get("mesh")), fake_train(*a, **kw))[1])
+    groundtruth.run_groundtruth(_create(tmp_path / "scratch"), MODEL_CFG, TRAIN_CFG, TRAIN_EX, QUERY_EX, mesh=mesh,
+                                progress=False)
+    assert seen == [mesh] * 4
+
+
+# ----------------------------------------------------------------------------- cooperative writers
+
+
+def test_cooperative_shares_split_the_chunks(tmp_path, monkeypatch):
+    """process i of n trains the chunks c with c % n == i; together they make the full store."""
+    cfg = _cfg(n_subsets=5, models_per_chunk=2)  # 10 models, chunks 0..4
+    full, _ = _run(tmp_path / "full", monkeypatch, fake=True, cfg=cfg)
+    _, t0 = _run(tmp_path / "coop", monkeypatch, fake=True, cfg=cfg, process_index=0, process_count=2)
+    names = sorted(p.name for p in (tmp_path / "coop").glob("chunk_*.npz"))
+    assert names == ["chunk_0_2.npz", "chunk_4_6.npz", "chunk_8_10.npz"] and t0.n_trained == 6
+    coop, t1 = _run(tmp_path / "coop", monkeypatch, fake=True, cfg=cfg, process_index=1, process_count=2)
+    assert t1.n_trained == 4 and coop.is_complete()
+    np.testing.assert_array_equal(GroundTruthStore.open(tmp_path / "coop").losses(), full.losses())
+    assert not (tmp_path / "coop" / store_lib.LOCK_FILE).exists()  # no store-wide lock was taken
+
+
+def test_a_share_is_claimed_by_one_process(tmp_path):
+    gt = _create(tmp_path / "gt")
+    held = tmp_path / "gt" / groundtruth._SHARES / "1-of-2"
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(30)")
+    held.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(held / store_lib.LOCK_FILE)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(store_lib.LockedError, match="in use"):
+            groundtruth.run_groundtruth(gt, MODEL_CFG, TRAIN_CFG, TRAIN_EX, QUERY_EX, progress=False,
+                                        max_models=0, process_index=1, process_count=2)
+        groundtruth.run_groundtruth(gt, MODEL_CFG, TRAIN_CFG, TRAIN_EX, QUERY_EX, progress=False, max_models=0,
+                                    process_index=0, process_count=2)  # another share is free
+    finally:
+        proc.kill()
+        proc.wait()
+    with pytest.raises(ValueError, match="process_index=2"):
+        groundtruth.run_groundtruth(gt, MODEL_CFG, TRAIN_CFG, TRAIN_EX, QUERY_EX, progress=False,
+                                    process_index=2, process_count=2)

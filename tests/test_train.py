@@ -1,4 +1,6 @@
-"""train_many: learning, the vmap invariant, eval_losses, validation."""
+"""train_many: learning, the vmap invariant, eval_losses, validation; fine-tuning (Tune, finetune_many)."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -164,3 +166,206 @@ def test_bad_inputs_raise():
         train.train_many(CFG, ex, idx.astype(float), np.array([0]), FAST, progress=False)
     with pytest.raises(ValueError):
         train.TrainConfig(epochs=0)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+LLAMA_CFG = models.LlamaConfig(vocab_size=V, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32,
+                               max_len=T, tie_embeddings=True, qkv_bias=True)
+SUBSETS = np.stack([np.arange(0, 24), np.arange(16, 40)])
+TUNE_SEEDS = np.array([7, 11])
+TUNES = {"full": train.Tune(), "top": train.Tune("top", layers=1), "lora": train.Tune("lora", rank=2)}
+
+
+def _paths(state):
+    return {train._nnx_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def _flat(model):
+    return {train._nnx_path(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]}
+
+
+def test_tune_validation():
+    assert train.Tune.from_dict(train.Tune("lora", layers=1, rank=4).to_dict()) == train.Tune("lora", 1, 4)
+    for bad, match in ((dict(mode="adapter"), "mode"), (dict(mode="top"), "needs layers"),
+                       (dict(mode="full", layers=1), "mode='top'"), (dict(mode="lora", rank=0), "rank"),
+                       (dict(mode="top", layers=0), "positive")):
+        with pytest.raises(ValueError, match=match):
+            train.Tune(**bad)
+    with pytest.raises(ValueError, match="exceeds the model's depth of 2"):
+        train.Tune("top", layers=3).start_layer(2)
+    with pytest.raises(ValueError, match="needs start"):
+        train.train_many(CFG, _random_examples(), SUBSETS, TUNE_SEEDS, FAST, tune=train.Tune(), progress=False)
+
+
+def test_which_parameters_train():
+    """top: blocks[l:] and the head, not the embedding (also when tied to the head); lora: every
+    block kernel, not the head; the frozen trunk below the trained blocks in both."""
+    x = _random_examples().inputs[:1]
+    gpt = _start_and_pool()[0]
+    top = train._plan(gpt, train.Tune("top", layers=1), x)
+    assert top.layer == 1
+    assert {p[:2] for p in _paths(top.trainable)} == {("blocks", 1), ("lm_head", "kernel")}
+    assert {p[:2] for p in _paths(top.frozen)} == {("blocks", 0), ("wte", "embedding")}
+    tied = models.build(models.GPTConfig(vocab_size=V, seq_len=T, n_layers=2, d_model=32, n_heads=2,
+                                         tie_embeddings=True), 0)
+    assert {p[:2] for p in _paths(train._plan(tied, train.Tune("top", layers=2), x).trainable)} == {
+        ("blocks", 0), ("blocks", 1)}
+    llama = _llama()
+    lora = train._plan(llama, train.Tune("lora", rank=2), x)
+    kernels = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(lora.sites) == {("blocks", b, part, k) for b in range(2) for part, k in
+                               [("attn", k) for k in ("q_proj", "k_proj", "v_proj", "o_proj")]
+                               + [("mlp", k) for k in ("gate_proj", "up_proj", "down_proj")]}
+    assert {p[-1] for p in _paths(lora.trainable)} == {"lora_a", "lora_b"} and lora.layer == 0
+    assert {p[3] for p in _paths(lora.trainable)} == kernels
+    upper = train._plan(llama, train.Tune("lora", layers=1, rank=2), x)
+    assert {s[1] for s in upper.sites} == {1} and upper.layer == 1
+
+
+def test_lora_with_zero_b_is_the_base_model():
+    """B = 0: the adapted Llama computes the base model's logits, and folding W + A B gives back
+    the base parameters bit for bit (W + A 0 = W exactly in float32)."""
+    llama = _llama()
+    x = _random_examples().inputs[:4]
+    plan = train._plan(llama, train.Tune("lora", rank=2), x[:1])
+    params_M = train._lora_params(plan, np.array([3, 5]))
+    a = [np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params_M)[0]
+         if train._nnx_path(p)[-1] == "lora_a"]
+    assert all(np.abs(a_i[0]).min() > 0 and not np.array_equal(a_i[0], a_i[1]) for a_i in a)  # A random per seed
+    adapted = nnx.merge(plan.graphdef, jax.tree.map(lambda v: v[0], params_M), plan.frozen)
+    want = np.asarray(llama(x))
+    # Not bitwise: XLA may fuse x W and x A into one dot of another blocking; float32 dots of
+    # length <= 32 differ by a few ulp of the logits at most.
+    np.testing.assert_allclose(np.asarray(adapted(x)), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    tuned = train.Tuned(plan.graphdef, params_M, plan.frozen, plan.layer, train.Tune("lora", rank=2), plan.sites)
+    folded, base = _flat(tuned.model(1)), _flat(llama)
+    assert folded.keys() == base.keys()
+    for path in base:
+        np.testing.assert_array_equal(folded[path], base[path])
+
+
+@functools.lru_cache(maxsize=None)
+def _start_and_pool():
+    return models.build(CFG, 0), _random_examples()
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_pair(mode: str) -> train.Tuned:
+    """M = 2 fine-tunes of one random GPT (shared by the tests below: one compile per mode)."""
+    start, ex = _start_and_pool()
+    return train.finetune_many(start, ex, SUBSETS, TUNE_SEEDS, FAST, TUNES[mode], progress=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _llama():
+    return models.build(LLAMA_CFG, 0)
+
+
+@pytest.mark.parametrize("mode", ["full", "top", "lora"])
+def test_finetuning_learns_and_keeps_frozen_params(mode):
+    """Each model's loss on its own subset drops (by far more than float noise, ~1e-6), and the
+    parameters outside the tuned part are bitwise those of the start model."""
+    start, ex = _start_and_pool()
+    digest = models.param_digest(start)
+    tuned = _tuned_pair(mode)
+    before = train.eval_loss(start, ex)
+    losses = tuned.eval_losses(ex)
+    base = _flat(start)
+    for i in range(2):
+        own = SUBSETS[i]
+        assert losses[i, own].mean() < before[own].mean() - 1e-3, (mode, losses[i, own].mean(), before[own].mean())
+        model = tuned.model(i)
+        np.testing.assert_allclose(train.eval_loss(model, ex), losses[i], rtol=1e-5, atol=1e-6)
+        after = _flat(model)
+        changed = {p for p in base if not np.array_equal(after[p], base[p])}
+        if mode == "full":
+            assert changed == set(base)
+        elif mode == "top":  # block 1 and the head train; embedding and block 0 bitwise as they were
+            assert changed == {p for p in base if p[:2] == ("blocks", 1) or p[0] == "lm_head"}
+        else:  # LoRA folds into the block kernels only; the embedding and the head are untouched
+            assert changed == {p for p in base if p[0] == "blocks"}
+    for a, b in zip(jax.tree.leaves(nnx.state(tuned.model(1))), jax.tree.leaves(nnx.state(tuned.model(1)))):
+        np.testing.assert_array_equal(a, b)  # model(i) leaves the Tuned as it was (folding copies)
+    assert models.param_digest(start) == digest  # and the start model too
+    assert tuned.frozen is None if mode == "full" else tuned.frozen is not None
+    if mode != "full":  # frozen parameters exist once: no leaf of the shared state has a model axis
+        shapes = {p: x.shape for p, x in base.items()}
+        for p, x in jax.tree_util.tree_flatten_with_path(tuned.frozen)[0]:
+            path = tuple(k for k in train._nnx_path(p) if k != "base_module")  # LoRA wraps the Linear
+            assert x.shape == shapes[path]
+
+
+def test_train_many_with_start_returns_full_models():
+    start, ex = _start_and_pool()
+    graphdef, state_M = train.train_many(CFG, ex, SUBSETS, TUNE_SEEDS, FAST, start=start, tune=TUNES["top"],
+                                         progress=False)
+    for i in range(2):
+        want = _flat(_tuned_pair("top").model(i))
+        got = _flat(train.unstack(graphdef, state_M, i))
+        for p in want:
+            np.testing.assert_array_equal(got[p], want[p])  # the same program: bitwise
+    with pytest.raises(ValueError, match="not of model_cfg"):
+        train.train_many(MLP_CFG, ex, SUBSETS, TUNE_SEEDS, FAST, start=start, progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["top", "lora"])
+def test_finetune_vmapped_equals_separate_runs(mode):
+    """The vmap invariant of fine-tuning (tolerance as in test_vmapped_models_equal_separate_runs,
+    relative to how far training moved the trained parameters), with a negative control."""
+    start, ex = _start_and_pool()
+    one_chunk = train.TrainConfig(**{**FAST.to_dict(), "scan_steps": 6})
+    trained = lambda tuned, i: jax.tree.leaves(jax.tree.map(lambda x: np.asarray(x[i]), tuned.trainable_M))
+    for i in range(2):
+        alone = train.finetune_many(start, ex, SUBSETS[i:i + 1], TUNE_SEEDS[i:i + 1], one_chunk, TUNES[mode],
+                                    progress=False)
+        plan = train._plan(start, TUNES[mode], ex.inputs[:1])
+        if mode == "lora":  # A starts at its seeded draw, B at 0
+            init = [np.asarray(x[0]) for x in jax.tree.leaves(train._lora_params(plan, TUNE_SEEDS[i:i + 1]))]
+        else:
+            init = [np.asarray(x) for x in jax.tree.leaves(plan.trainable)]
+        gap = _relative_gap(trained(_tuned_pair(mode), i), trained(alone, 0), init)
+        assert max(gap) < 1e-3, gap
+        wrong = train.finetune_many(start, ex, SUBSETS[1 - i:2 - i], TUNE_SEEDS[i:i + 1], one_chunk, TUNES[mode],
+                                    progress=False)
+        wrong_gap = _relative_gap(trained(_tuned_pair(mode), i), trained(wrong, 0), init)
+        assert min(wrong_gap) > 0.05, wrong_gap
+
+
+def test_top_all_layers_equals_full_finetuning():
+    """An MLP's layer-0 state is its input (no parameters), so Tune("top", layers=n_layers) trains
+    every parameter, through the hook-state path, and must match full fine-tuning. Not bitwise
+    (another program: rest(h, 0) on cached inputs vs model(x)); tolerance relative to how far
+    training moved the parameters, as in the vmap test."""
+    ex = _classifier_examples()
+    start = models.build(MLP_CFG, 0)
+    cfg = train.TrainConfig(batch_size=16, epochs=3, learning_rate=3e-2, scan_steps=4)
+    idx, seeds = np.arange(48)[None], np.array([5])
+    full = train.finetune_many(start, ex, idx, seeds, cfg, train.Tune(), progress=False)
+    top = train.finetune_many(start, ex, idx, seeds, cfg, train.Tune("top", layers=len(MLP_CFG.hidden)),
+                              progress=False)
+    assert top.frozen is not None and not jax.tree.leaves(top.frozen)  # nothing frozen
+    a, b = _flat(full.model(0)), _flat(top.model(0))
+    init = _flat(start)
+    gap = _relative_gap([a[p] for p in init], [b[p] for p in init], [init[p] for p in init])
+    assert max(gap) < 1e-3, gap
+    assert train.eval_losses(*train.stack([full.model(0)]), ex).mean() < train.eval_loss(start, ex).mean() - 0.05
+
+
+@pytest.mark.slow
+def test_top_hook_states_equal_running_the_frozen_trunk():
+    """Tune("top"): training rest(h, l) on cached trunk states == training the same parameters
+    through the whole forward with the trunk frozen (the cache is exact up to float32
+    reassociation; tolerance as in the vmap test)."""
+    start, ex = _start_and_pool()
+    cached = train.finetune_many(start, ex, SUBSETS[:1], TUNE_SEEDS[:1], FAST, TUNES["top"], progress=False)
+    plan = train._plan(start, TUNES["top"], ex.inputs[:1])
+    order = train._orders(SUBSETS[:1].astype(np.int32), TUNE_SEEDS[:1], FAST.num_steps(24), FAST.batch_size)
+    params = jax.tree.map(lambda x: x[None], plan.trainable)
+    uncached = train._run(plan.graphdef, params, plan.frozen, train.device_batch(ex), order, TUNE_SEEDS[:1], FAST,
+                          layer=0, n_models=1, mesh=None, axis=None, progress=False, desc="", on_chunk=None)
+    a, b = jax.tree.leaves(cached.trainable_M), jax.tree.leaves(uncached)
+    gap = _relative_gap([np.asarray(x[0]) for x in a], [np.asarray(x[0]) for x in b],
+                        [np.asarray(x) for x in jax.tree.leaves(plan.trainable)])
+    assert max(gap) < 1e-3, gap
