@@ -335,6 +335,7 @@ def fista_solve(
     n = _operand_n(operand, n_subsets)
     w_N = jnp.zeros(n, dtype) if init_N is None else jnp.asarray(init_N, dtype)
     step = jnp.asarray(1.0 / lipschitz_const, dtype)
+    l1reg = jnp.asarray(l1reg, dtype)  # a float64 lambda (numpy, or x64) must not promote the carry
 
     def cond(state):
         it, _, _, _, err = state

@@ -32,10 +32,11 @@ class SteeringOperator(nnx.Module):
     """delta(h) = norm(h) B a for one subset; `h` is any [..., D] array."""
 
     def __init__(self, in_dim: int, out_dim: int, cfg: SteeringConfig, *, rngs: nnx.Rngs):
-        std = cfg.basis_init_std / jnp.sqrt(in_dim)
-        self.basis = Basis(std * jax.random.normal(rngs.params(), (in_dim, cfg.rank)))
+        # float32 parameters, also under jax_enable_x64 (float64 ones would promote the model's states)
+        std = cfg.basis_init_std / jnp.sqrt(jnp.float32(in_dim))
+        self.basis = Basis(std * jax.random.normal(rngs.params(), (in_dim, cfg.rank), jnp.float32))
         # Zero init: every operator starts as the identity (the frozen model itself).
-        self.coef = Coef(jnp.zeros((cfg.rank, out_dim)))
+        self.coef = Coef(jnp.zeros((cfg.rank, out_dim), jnp.float32))
         self.normalize_input = cfg.normalize_input
 
     def features(self, h: jax.Array) -> jax.Array:
