@@ -258,15 +258,17 @@ class StrideConfig:
 
 # Named settings, each chosen by LDS on validation queries (README "Presets" has the grids):
 #   lm: the nanochat-style GPT pool of the demo (experiments/results/lm_tuning.md).
-#   classifier: MLP / ConvNet classifiers (experiments/results/presets.md).
+#   classifier: MLP classifiers, the best mean validation LDS of 10 settings over 3 data sets x 3
+#     training recipes (experiments/results/presets_classifier.md); needs n * 10 >= 1000 examples-slots.
 #   quick: tiny and fast, for smoke tests; not for results.
 PRESETS: dict[str, dict[str, Any]] = {
     "lm": {"design": {"n_subsets": 2048}, "steering": {"rank": 1}, "fit": {"steps": 600}},
     "classifier": {
-        "design": {"n_subsets": 1000, "per_example": 5},
-        "steering": {"layer": -1, "rank": 8},
-        "fit": {"steps": 1000, "learning_rate": 3e-3, "subsets_per_step": 1000, "fidelity_batch": 8,
-                "stability_batch": 8, "positions_per_example": None},
+        "design": {"n_subsets": 1000, "per_example": 10},
+        "steering": {"layer": 1, "rank": 64},
+        "fit": {"steps": 400, "learning_rate": 3e-3, "subsets_per_step": 1000, "fidelity_batch": 16,
+                "stability_batch": 16, "positions_per_example": None},
+        "recovery": {"lambda_frac": 0.1},
     },
     "quick": {"design": {"n_subsets": 32, "per_example": 4},
               "fit": {"steps": 20, "subsets_per_step": 8, "checkpoint_every": 10}},
