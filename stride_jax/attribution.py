@@ -173,7 +173,7 @@ class Stride:
         d = self.cfg.design
         t0 = time.perf_counter()
         self.design = left_regular_design(len(train), d.n_subsets, d.per_example, d.seed)
-        fitter = Fitter(model, train, self.design, self.cfg, workdir=workdir, progress=progress)
+        fitter = Fitter(model, train, self.design, self.cfg, workdir=workdir, progress=progress, mesh=self.mesh)
         self.cfg = fitter.cfg  # negative layers resolved
         self.bank = fitter.run(progress=progress)
         self.model = model

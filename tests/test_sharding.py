@@ -196,3 +196,17 @@ def test_load_model_replicated_onto_a_mesh(tmp_path):
         np.testing.assert_array_equal(leaf, want)
     x = np.random.default_rng(0).integers(0, GPT_CFG.vocab_size, (2, GPT_CFG.seq_len)).astype(np.int32)
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+
+
+def test_stride_facade_on_a_mesh_equals_one_device():
+    """`Stride(cfg, mesh=...)` fits and measures on the mesh; its scores equal the single-device ones
+    up to reassociation (a scale-relative tolerance; another query's scores are far off)."""
+    from stride_jax import Stride
+
+    model, pool, _, cfg = _fit_setup()
+    single = Stride(cfg).fit(model, pool, progress=False).attribute(pool[:3], progress=False)
+    sharded = Stride(cfg, mesh=sharding.mesh("subsets")).fit(model, pool, progress=False).attribute(pool[:3],
+                                                                                                   progress=False)
+    scale = np.abs(single.scores).max()
+    np.testing.assert_allclose(sharded.scores, single.scores, atol=1e-3 * scale)
+    assert np.abs(single.scores[:, 0] - single.scores[:, 1]).max() > 1e-2 * scale  # the tolerance can fail
