@@ -8,6 +8,7 @@ import pytest
 from stride_jax import cli, data, models, train
 
 
+@pytest.mark.slow  # minutes on 2 cores: run with -m slow (README)
 def test_quick_demo_beats_random_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0

@@ -43,6 +43,7 @@ def test_every_shipped_config_loads_and_validates():
         load_config(name)
 
 
+@pytest.mark.slow  # minutes on 2 cores: run with -m slow (README)
 def test_pretrain_smoke_runs_isolated_methods_and_cost_in_n(tmp_path):
     assert cli.main(["run", str(CONFIGS / "pretrain_lds_smoke.yaml"), "--out", str(tmp_path / "run"),
                      "--no-progress"]) == 0
@@ -59,6 +60,7 @@ def test_pretrain_smoke_runs_isolated_methods_and_cost_in_n(tmp_path):
     assert (tmp_path / "run" / "pretrain_lds_smoke.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # minutes on 2 cores: run with -m slow (README)
 def test_small_models_smoke_selects_on_validation_and_checks_counterfactually(tmp_path):
     assert cli.main(["run", str(CONFIGS / "small_models_smoke.yaml"), "--out", str(tmp_path / "run"),
                      "--no-progress"]) == 0
@@ -111,6 +113,7 @@ def _scores(out: Path) -> dict:
     return found
 
 
+@pytest.mark.slow  # minutes on 2 cores: run with -m slow (README)
 def test_kill_minus_nine_mid_groundtruth_and_mid_fit_resumes_bitwise(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
