@@ -76,6 +76,7 @@ def test_small_models_smoke_selects_on_validation_and_checks_counterfactually(tm
     assert (tmp_path / "run" / cf["png"]).exists()
 
 
+@pytest.mark.slow  # minutes on 2 cores: run with -m slow (README)
 def test_ablation_grid_skips_invalid_corners(tmp_path):
     assert cli.main(["run", str(CONFIGS / "small_models_ablation_smoke.yaml"), "--out", str(tmp_path / "run"),
                      "--no-progress"]) == 0
