@@ -70,13 +70,14 @@ def _variants(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, run_dir: 
             row = {"cell": cell, "group": group, "variant": name, "override": variants[name], "seconds": r.seconds,
                    "error": r.error}
             if r.attr is not None:
-                row["lds_val"] = p.lds(r.attr.dense(), "val", alpha, n_boot)
+                scores = r.attr.dense()  # once: with recovery.sparse this builds the [N, Q] array
+                row["lds_val"] = p.lds(scores, "val", alpha, n_boot)
                 if row["lds_val"]["mean"] is not None:  # None: no query had a finite LDS
                     val[name] = row["lds_val"]["mean"]
                 if cfg.select is None and cfg.split == "test":  # a pure sweep / ablation reports test too
-                    row["lds_test"] = p.lds(r.attr.dense(), "test", alpha, cfg.n_boot)
+                    row["lds_test"] = p.lds(scores, "test", alpha, cfg.n_boot)
                 row["not_converged"] = r.attr.n_not_converged
-                test = r.attr.dense()[:, p.test_cols]
+                test = scores[:, p.test_cols]
                 row["nnz_median"] = float(np.median((test != 0).sum(axis=0)))
             else:
                 log.warning("[%s] variant %r: %s", cell or cfg.name, name, r.error)
@@ -186,8 +187,8 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
             report["selection"] += selection
             scored: dict[str, np.ndarray] = {}
             for name, (attr, rec) in chosen.items():
-                report["rows"] += _lds_rows(p, cfg, cell, name, attr.dense(), rec)
                 scored[name] = attr.dense()
+                report["rows"] += _lds_rows(p, cfg, cell, name, scored[name], rec)
             for spec in cfg.methods:
                 if spec.cells and cell not in spec.cells:
                     continue
@@ -196,9 +197,9 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
                 if res is None:
                     continue
                 attr, rec = res
-                rows = _lds_rows(p, cfg, cell, spec.name, attr.dense(), rec)
-                report["rows"] += rows
                 scored[spec.name] = attr.dense()
+                rows = _lds_rows(p, cfg, cell, spec.name, scored[spec.name], rec)
+                report["rows"] += rows
                 log.info("[%s] %-14s LDS %s  %.1f s", cell or cfg.name, spec.name, report_lib.fmt_lds(rows[0]["lds"]),
                          rec["seconds"].get("total", 0.0))
             if cfg.counterfactual is not None:
