@@ -173,6 +173,36 @@ def test_trak_ensemble_averages_models():
         TRAK(n_retrain=2)
 
 
+def test_trak_reweighting_survives_a_zero_loss_classifier():
+    """On a classifier trained to (float32) zero loss, 1 - p(y|x) rounds to exactly 0 and would zero
+    every TRAK score; TRAK's reweighting must stay sigmoid(-margin) > 0 (checked in float64)."""
+    model = models.build(MLP_CFG, 0)
+    x = _clf_examples(N_TRAIN, 1).inputs
+
+    def margins(inputs):  # float64, from float32 logits; targets = the argmax
+        logits = np.asarray(model(inputs), np.float64)
+        y = logits.argmax(-1)
+        others = np.where(np.eye(logits.shape[1], dtype=bool)[y], -np.inf, logits)
+        top = others.max(-1)
+        return logits[np.arange(len(y)), y] - (top + np.log(np.exp(others - top[:, None]).sum(-1))), y
+
+    # scale each input until its margin first exceeds 25: confident (1 - p == 0 in float32) while
+    # sigmoid(-margin) ~ 1e-11 is still a normal float32
+    grid = np.geomspace(1.0, 1e4, 400).astype(np.float32)
+    m_GxN = np.stack([margins(x * g)[0] for g in grid])
+    scale = grid[np.argmax(m_GxN > 25.0, axis=0)]
+    tr_x = (x * scale[:, None]).astype(np.float32)
+    margin, y = margins(tr_x)
+    assert 25.0 < margin.min() and margin.max() < 40.0
+    tr = Examples(inputs=tr_x, targets=y.astype(np.int32), ids=np.arange(N_TRAIN))
+    p32 = np.asarray(jax.nn.softmax(model(tr.inputs), axis=-1))[np.arange(N_TRAIN), y]
+    assert np.all(1.0 - p32 == 0.0)  # the regime: the naive reweighting is exactly zero
+    attr = TRAK(proj_dim=None, damping=1e-2).fit(model, tr)
+    np.testing.assert_allclose(attr._q_N, 1.0 / (1.0 + np.exp(margin)), rtol=1e-3)
+    scores = attr.attribute(_clf_examples(N_QUERY, 2)).scores
+    assert np.all(np.isfinite(scores)) and np.abs(scores).max() > 0
+
+
 def test_trak_projection_approximates_identity():
     model, tr, q = models.build(MLP_CFG, 0), _clf_examples(N_TRAIN, 1), _clf_examples(N_QUERY, 2)
     exact = TRAK(proj_dim=None, damping=1e-2).fit(model, tr).attribute(q).scores
