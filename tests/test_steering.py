@@ -67,6 +67,20 @@ def test_zero_operator_leaves_outputs_bit_identical(model, tokens, placement):
     assert np.array_equal(np.asarray(out), np.asarray(base))
 
 
+@pytest.mark.parametrize("placement", ["logits", "residual"])
+def test_operators_stay_float32_under_x64(model, tokens, placement):
+    """Operators are float32 even with jax_enable_x64 (float64 ones would promote the float32
+    model's states, so a zero operator no longer left the outputs bit-identical)."""
+    cfg = SteeringConfig(layer=2, rank=4, placement=placement)
+    with jax.enable_x64(True):
+        bank = steering.init_bank(model, 3, cfg, seed=0)
+        assert {x.dtype for x in jax.tree.leaves((bank.basis, bank.coef))} == {jnp.dtype(jnp.float32)}
+        h = model.trunk(tokens, layer=cfg.layer)
+        base = model.rest(h, layer=cfg.layer)
+        out = steered(model, bank, 1, tokens, cfg)
+    assert out.dtype == base.dtype == jnp.float32 and np.array_equal(np.asarray(out), np.asarray(base))
+
+
 def test_steered_model_is_causal(model, tokens):
     """A residual operator edits every position; the steered model still cannot look ahead:
     changing token t leaves the steered logits before t unchanged."""
