@@ -16,6 +16,7 @@ import yaml
 from stride_jax import cli
 from stride_jax.harness import load_config
 from stride_jax.harness.config import ExperimentConfig
+from stride_jax.harness import report as report_lib
 
 CONFIGS = Path(__file__).resolve().parent.parent / "experiments" / "configs"
 
@@ -195,3 +196,26 @@ def test_experiment_config_round_trip():
     assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
     assert [m.name for m in cfg.methods if m.cells] == ["stride-tuned"]
     assert cfg.stride_for("2.2M", next(m for m in cfg.methods if m.name == "stride-tuned")).fit.learning_rate == 0.003
+
+
+def _fake_report(cells):
+    """A minimal harness report: cells [(name, params, n)], stride 10 s everywhere, graddot 1 s * n / 100."""
+    gt = {"0.3": {"n_subsets": 8, "seeds_per_subset": 2}}
+    ceil = {"0.3": {"mean": 0.5, "ci95": [0.4, 0.6], "ceiling_for_seed_average": 0.6}}
+    rows = [{"method": m, "cell": c, "alpha": 0.3, "lds": {"mean": 0.1, "ci95": [0.0, 0.2]},
+             "seconds": {"total": 10.0 if m == "stride" else n / 100}, "peak_memory_bytes": 2**30 * n / 100,
+             "load_memory_bytes": 2**29}
+            for c, _, n in cells for m in ("stride", "graddot")]
+    return {"config": {"name": "x"}, "machine": "m", "date": "d", "rows": rows,
+            "cells": [{"cell": c, "params": p, "n_train": n, "groundtruth": gt, "noise_ceiling": ceil,
+                       "base_test_loss": 1.0} for c, p, n in cells]}
+
+
+def test_report_cost_growth_follows_n_within_a_size_and_parameters_across_sizes():
+    md = report_lib.markdown(_fake_report([("s-n100", 1000, 100), ("s-n400", 1000, 400), ("l-n100", 9000, 100)]),
+                             "cmd")
+    assert "## Cost growth from s-n100 to s-n400 (n 100 -> 400, 4x; 1,000 parameters)" in md
+    assert "| graddot | 1.0 | 4.0 | 4.00 | 4.00 |" in md and "| stride | 10.0 | 10.0 | 1.00 | 4.00 |" in md
+    assert "l-n100 to" not in md  # a size with one n has no growth row
+    md = report_lib.markdown(_fake_report([("s", 1000, 100), ("l", 9000, 100)]), "cmd")
+    assert "## Cost growth from s to l (9.0x parameters)" in md

@@ -115,18 +115,28 @@ def markdown(report: dict[str, Any], command: str) -> str:
             own = (r["peak_memory_bytes"] - r["load_memory_bytes"]) if r.get("peak_memory_bytes") else None
             lines.append(f"| {m} | {_cell_label(c)} | {stages} | {r['seconds'].get('total', 0):.1f} | "
                          f"{_mib(r.get('peak_memory_bytes'))} | {_mib(own)} |")
-    if len(cells) >= 2:
-        lo, hi = cells[0], cells[-1]
-        p_lo = next(c["params"] for c in report["cells"] if c["cell"] == lo)
-        p_hi = next(c["params"] for c in report["cells"] if c["cell"] == hi)
-        lines += ["", f"## Cost growth from {lo} to {hi} ({p_hi / p_lo:.1f}x parameters)", "",
-                  "| method | time ratio | peak memory ratio |", "|---|---|---|"]
-        for m in methods:
+    info = {c["cell"]: c for c in report["cells"]}
+    by_params: dict[int, list[str]] = {}
+    for c in report["cells"]:
+        by_params.setdefault(c["params"], []).append(c["cell"])
+    if len(cells) >= 2 and all(len(g) == 1 for g in by_params.values()):  # a size sweep
+        spans = [(cells[0], cells[-1], "parameters")]
+    else:  # pool-size sweeps: growth with n within each model size
+        spans = [(g[0], g[-1], "n") for g in by_params.values() if len(g) >= 2]
+    for lo, hi, what in spans:
+        a_c, b_c = info[lo], info[hi]
+        factor = (f"{b_c['params'] / a_c['params']:.1f}x parameters" if what == "parameters" else
+                  f"n {a_c['n_train']} -> {b_c['n_train']}, {b_c['n_train'] / a_c['n_train']:.0f}x; "
+                  f"{a_c['params']:,} parameters")
+        lines += ["", f"## Cost growth from {lo} to {hi} ({factor})", "",
+                  f"| method | total s {lo} | total s {hi} | time ratio | peak memory ratio |", "|---|---|---|---|---|"]
+        for m in sorted(methods, key=order):
             a, b = by.get((m, lo, alphas[0])), by.get((m, hi, alphas[0]))
             if a and b:
                 mem = (f"{b['peak_memory_bytes'] / a['peak_memory_bytes']:.2f}"
                        if a.get("peak_memory_bytes") and b.get("peak_memory_bytes") else "-")
-                lines.append(f"| {m} | {b['seconds']['total'] / max(a['seconds']['total'], 1e-9):.2f} | {mem} |")
+                lines.append(f"| {m} | {a['seconds']['total']:.1f} | {b['seconds']['total']:.1f} | "
+                             f"{b['seconds']['total'] / max(a['seconds']['total'], 1e-9):.2f} | {mem} |")
     if report.get("cost_n"):
         cn = report["cost_n"]
         ns = sorted({r["n"] for r in cn})
