@@ -345,9 +345,7 @@ def examples_from_pairs(
     for i, r in enumerate(responses):
         if not isinstance(r, str) or not r.strip():
             raise ValueError(f"response {i} is empty: nothing to attribute")
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True) for p in prompts]
+    prompts = templated_prompts(prompts, tokenizer, chat_template)
     eos = _eos_id(tokenizer)
     p_tok, r_tok = _encode(tokenizer, prompts), _encode(tokenizer, responses)
     if eos is not None:
@@ -355,6 +353,57 @@ def examples_from_pairs(
     return lm_examples([list(p) + list(r) for p, r in zip(p_tok, r_tok)], seq_len, mode="pad",
                        pad_id=_pad_id(tokenizer), loss_from=[len(p) for p in p_tok], truncate=truncate,
                        tokenizer=tokenizer)
+
+
+def templated_prompts(prompts: Sequence[str], tokenizer: Any, chat_template: bool = True) -> list[str]:
+    """Each prompt as a user turn + the assistant prefix under the tokenizer's chat template (as
+    `examples_from_pairs` wraps them); unchanged without a template or with chat_template=False."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                              add_generation_prompt=True) for p in prompts]
+    return list(prompts)
+
+
+def encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens added."""
+    return _encode(tokenizer, texts)
+
+
+def read_instruction_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """(prompt, response) of every record of a .json list or .jsonl file: `prompt` + `response`
+    fields, or the alpaca layout `instruction` [+ `input`, joined by a blank line] + `output`."""
+    path = Path(path)
+    if path.suffix == ".json":
+        import json
+
+        try:
+            records = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read {path} as a JSON list of records: {e}") from e
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    else:
+        records = read_records(path)
+    out = []
+    for i, r in enumerate(records):
+        text = lambda k: r.get(k) if isinstance(r, dict) and isinstance(r.get(k), str) else None
+        if text("prompt") is not None and text("response") is not None:
+            prompt, response = text("prompt"), text("response")
+        elif text("instruction") is not None and text("output") is not None:
+            prompt = text("instruction").strip()
+            if (text("input") or "").strip():
+                prompt += "\n\n" + text("input").strip()
+            response = text("output")
+        else:
+            fields = sorted(r) if isinstance(r, dict) else type(r).__name__
+            raise ValueError(f"{path}: record {i} has neither 'prompt' + 'response' nor 'instruction' + 'output' "
+                             f"(fields: {fields})")
+        if not response.strip():
+            raise ValueError(f"{path}: record {i} has an empty response: nothing to attribute")
+        out.append((prompt, response.strip()))
+    if not out:
+        raise ValueError(f"{path} holds no records")
+    return out
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

@@ -26,11 +26,11 @@ from stride_jax.config import StrideConfig, load_config_file, to_dict
 log = logging.getLogger("stride_jax")
 
 
-def load_model(path: str | Path) -> tuple[Any, Any]:
+def load_model(path: str | Path, *, dtype: str = "float32") -> tuple[Any, Any]:
     """(model, tokenizer) of a GGUF file, an HF folder or a stride_jax checkpoint."""
     from stride_jax.models.convert import load_pretrained
 
-    pre = load_pretrained(path)
+    pre = load_pretrained(path, dtype=dtype)
     tokenizer = pre.tokenizer
     if tokenizer is None and pre.metadata.get("tokenizer_hash") == data.tokenizer_hash():
         tokenizer = data.load_tokenizer()  # a model trained on the shipped corpus

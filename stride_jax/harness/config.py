@@ -100,12 +100,67 @@ class ClassifierTask:
             raise ValueError(f"a conv model needs image data; {self.dataset!r} is not an image data set")
 
 
-TASKS = {"lm": LMTask, "classifier": ClassifierTask}
-Task = LMTask | ClassifierTask
+@dataclasses.dataclass(frozen=True)
+class SFTData:
+    """Instruction (prompt, response) records; only response tokens count in every loss.
+
+    `source`: "alpaca" (LLaMA-Factory's alpaca_en_demo.json, fetched by `stride-jax data fetch
+    alpaca`) or a .jsonl / .json file of `prompt` + `response` or `instruction` [+ `input`] +
+    `output` records. Exact duplicate records are dropped, records whose chat-templated prompt
+    leaves fewer than `min_response_tokens` of `seq_len` are skipped, the rest shuffled with
+    `seed` and split into pool, validation and test queries.
+    """
+
+    source: str = "alpaca"
+    n_train: int = 256
+    val_queries: int = 16
+    test_queries: int = 32
+    seq_len: int = 128
+    min_response_tokens: int = 8
+    chat_template: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.n_train, self.val_queries, self.test_queries) < 1:
+            raise ValueError("task.data.n_train, val_queries and test_queries must be >= 1")
+        if not 2 <= self.min_response_tokens < self.seq_len:
+            raise ValueError(f"task.data.min_response_tokens must be in [2, seq_len={self.seq_len}), "
+                             f"got {self.min_response_tokens}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTModel:
+    """`path`: "smollm2" (the fetched SmolLM2-135M-Instruct GGUF) or a GGUF file / HF safetensors
+    folder / stride_jax checkpoint; `dtype` of the loaded weights."""
+
+    path: str = "smollm2"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0  # of the methods that draw (TRAK's projection, LoRA adapters use the ground truth's)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTTask:
+    """Instruction tuning of a pretrained LM: the loaded model is the base model (nothing is
+    trained for it); ground truth fine-tunes it on alpha-subsets (`finetune` recipe, `tune`
+    picks full / top-layers / LoRA) and records the queries' response losses."""
+
+    kind: Literal["sft"] = "sft"
+    data: SFTData = SFTData()
+    model: SFTModel = SFTModel()
+    finetune: train_lib.TrainConfig = train_lib.TrainConfig(learning_rate=1e-4, epochs=1.0, batch_size=8,
+                                                            warmup_frac=0.1, scan_steps=8)
+    tune: train_lib.Tune = train_lib.Tune("top", layers=4)
+    groundtruth: gt_lib.GroundTruthConfig = gt_lib.GroundTruthConfig(n_subsets=64, seeds_per_subset=2,
+                                                                     models_per_chunk=2)
+    alphas: tuple[float, ...] = ()
+
+
+TASKS = {"lm": LMTask, "classifier": ClassifierTask, "sft": SFTTask}
+Task = LMTask | ClassifierTask | SFTTask
 
 
 def task_from_dict(d: Any) -> Task:
-    if isinstance(d, (LMTask, ClassifierTask)):
+    if isinstance(d, (LMTask, ClassifierTask, SFTTask)):
         return d
     if not isinstance(d, dict):
         raise TypeError(f"task must be a mapping, got {type(d).__name__}")
@@ -295,6 +350,14 @@ class ExperimentConfig:
                 unknown = sorted(set(names_) - set(self.all_variants()))
                 if unknown:
                     raise ValueError(f"select.only[{group!r}] names unknown variants {unknown}")
+        if isinstance(self.task, SFTTask) or any(self.task_for(c).kind == "sft" for c in names):
+            for m in self.methods:
+                if m.kind == "tracin" or (m.kind == "trak" and m.params.get("n_retrain")):
+                    raise ValueError(f"method {m.name!r} retrains the model from scratch along its training run; "
+                                     "on an sft task (a pretrained model) that is not available: use graddot, "
+                                     "trak (n_retrain 0), logra, ekfac, the text methods or random")
+            if self.cost_n is not None:
+                raise ValueError("cost_n varies train_per_source of the shipped corpus; an sft task has none")
         if self.cost_n is not None:
             if self.cost_n.cell and self.cost_n.cell not in names:
                 raise ValueError(f"cost_n.cell {self.cost_n.cell!r} is not one of the cells {names}")

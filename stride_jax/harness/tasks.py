@@ -11,6 +11,7 @@ ground truth, for isolated method processes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from stride_jax import groundtruth as gt_lib
 from stride_jax import lds as lds_lib
 from stride_jax import models, store, tabular
 from stride_jax import train as train_lib
-from stride_jax.harness.config import ClassifierTask, LMTask, Task
+from stride_jax.harness.config import ClassifierTask, LMTask, SFTTask, Task
 
 log = logging.getLogger("stride_jax")
 
@@ -84,8 +85,52 @@ def groundtruth_config(task: Task, alpha: float) -> gt_lib.GroundTruthConfig:
 # ----------------------------------------------------------------------------- data and models
 
 
+@functools.lru_cache(maxsize=2)
+def pretrained(path: str, dtype: str = "float32") -> tuple[Any, Any]:
+    """(model, tokenizer) of an sft task's model: an asset name ("smollm2") or a checkpoint path."""
+    from stride_jax import downloads
+    from stride_jax.harness.attribute import load_model
+
+    if path in downloads.ASSETS:
+        path = str(downloads.fetch(path))
+    elif not Path(path).exists():
+        raise FileNotFoundError(f"task.model.path: {path!r} is neither an asset ({sorted(downloads.ASSETS)}) "
+                                "nor an existing GGUF file / HF folder / stride_jax checkpoint")
+    return load_model(path, dtype=dtype)
+
+
+def _sft_records(source: str) -> list[tuple[str, str]]:
+    """(prompt, response) pairs of an alpaca-style or prompt/response file, exact duplicates dropped."""
+    from stride_jax import downloads
+
+    path = downloads.fetch("alpaca") if source == "alpaca" else Path(source)
+    return list(dict.fromkeys(data_lib.read_instruction_pairs(path)))
+
+
+def _sft_data(task: SFTTask) -> tuple[data_lib.Examples, data_lib.Examples, data_lib.Examples]:
+    d = task.data
+    _, tok = pretrained(task.model.path, task.model.dtype)
+    pairs = _sft_records(d.source)
+    order = np.random.default_rng(d.seed).permutation(len(pairs))
+    prompts = data_lib.templated_prompts([pairs[i][0] for i in order], tok, d.chat_template)
+    fits = [i for i, p in zip(order, data_lib.encode(tok, prompts)) if len(p) <= d.seq_len - d.min_response_tokens]
+    need = d.n_train + d.val_queries + d.test_queries
+    if len(fits) < need:
+        raise ValueError(f"{d.source}: {len(fits)} of {len(pairs)} distinct records leave >= {d.min_response_tokens} "
+                         f"response tokens at seq_len {d.seq_len}; the task needs {need} "
+                         f"(n_train + val_queries + test_queries)")
+    keep = [int(i) for i in fits[:need]]
+    ex = data_lib.examples_from_pairs([pairs[i][0] for i in keep], [pairs[i][1] for i in keep], tok, d.seq_len,
+                                      chat_template=d.chat_template, truncate=True)
+    ex = dataclasses.replace(ex, ids=np.asarray(keep))  # record indices (after de-duplication)
+    a, b = d.n_train, d.n_train + d.val_queries
+    return ex[np.arange(a)], ex[np.arange(a, b)], ex[np.arange(b, need)]
+
+
 def load_data(task: Task) -> tuple[data_lib.Examples, data_lib.Examples, data_lib.Examples]:
     """(train pool, validation queries, test queries)."""
+    if isinstance(task, SFTTask):
+        return _sft_data(task)
     if isinstance(task, LMTask):
         d = task.data
         kw = dict(seq_len=d.seq_len, sources=d.sources, seed=d.seed)
@@ -110,15 +155,23 @@ def model_config(task: Task, train: data_lib.Examples) -> Any:
 
 
 def train_config(task: Task) -> train_lib.TrainConfig:
+    """The base model's recipe (an sft task's: its fine-tuning recipe; the base model is loaded)."""
+    if isinstance(task, SFTTask):
+        return task.finetune
     return task.pretrain if isinstance(task, LMTask) else task.train
 
 
 def retrain_config(task: Task) -> train_lib.TrainConfig:
+    if isinstance(task, SFTTask):
+        return task.finetune
     return task.retrain if isinstance(task, LMTask) else task.train
 
 
 def base_model(task: Task, train: data_lib.Examples, out: Path, *, progress: bool = False) -> Any:
-    """Load the cached base model of `task` from `out/base_model`, or train and save it."""
+    """Load the cached base model of `task` from `out/base_model`, or train and save it (an sft
+    task's base model is the pretrained model itself)."""
+    if isinstance(task, SFTTask):
+        return pretrained(task.model.path, task.model.dtype)[0]
     mcfg = model_config(task, train)
     expected = {"data_hash": train.content_hash(), "train_config": train_config(task).to_dict(),
                 "seed": task.model.seed}
@@ -162,8 +215,9 @@ def prepare(task: Task, out: str | Path, *, progress: bool = False, groundtruth:
             t0 = time.perf_counter()
             gcfg = groundtruth_config(task, alpha)
             name = "groundtruth" if not task.alphas else f"groundtruth_a{alpha}"
-            gt_store = gt_lib.GroundTruthStore.create_or_open(out / name, gcfg, mcfg, rcfg, train, queries)
-            gt_lib.run_groundtruth(gt_store, mcfg, rcfg, train, queries, progress=progress)
+            tune = dict(start=model, tune=task.tune) if isinstance(task, SFTTask) else {}
+            gt_store = gt_lib.GroundTruthStore.create_or_open(out / name, gcfg, mcfg, rcfg, train, queries, **tune)
+            gt_lib.run_groundtruth(gt_store, mcfg, rcfg, train, queries, progress=progress, **tune)
             gts[float(alpha)] = (gt_store.subsets(), gt_store.losses())
             seconds[f"groundtruth_a{alpha}"] = time.perf_counter() - t0
     val_cols, test_cols = np.arange(len(val)), np.arange(len(val), len(queries))

@@ -1,0 +1,134 @@
+"""The harness's sft task: a pretrained checkpoint as the base model, instruction pairs as data,
+ground truth by fine-tuning it on alpha-subsets (a tiny GGUF written here stands in for SmolLM2)."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from test_convert import HP, make_weights, write_gguf
+
+from stride_jax import cli, data, models
+from stride_jax import groundtruth as gt_lib
+from stride_jax.harness import load_config, tasks
+from stride_jax.harness.config import ExperimentConfig, SFTTask
+
+WORDS = ["the cat", "a hat", "then in", "the sea", "at tea", "in a nest", "the heat", "a net"]
+
+
+def _pairs(n: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [{"prompt": f"say {WORDS[i % 8]} {i}", "response": " ".join(rng.choice(WORDS, 3)) + f" {i % 5}"}
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    gguf = write_gguf(root / "tiny.gguf", HP(ctx=64), make_weights(HP(ctx=64)))
+    records = _pairs(44) + _pairs(4)  # 4 exact duplicates, dropped
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return gguf, root / "pairs.jsonl"
+
+
+def _config(gguf, pairs, **task):
+    return {
+        "name": "sft_tiny",
+        "task": {"kind": "sft", "model": {"path": str(gguf)},
+                 "data": {"source": str(pairs), "n_train": 28, "val_queries": 4, "test_queries": 8,
+                          "seq_len": 40, "min_response_tokens": 4},
+                 "finetune": {"learning_rate": 3e-3, "epochs": 2.0, "batch_size": 4, "scan_steps": 4},
+                 "tune": {"mode": "top", "layers": 1},
+                 "groundtruth": {"n_subsets": 8, "seeds_per_subset": 2, "models_per_chunk": 8}, **task},
+        "stride": {"design": {"n_subsets": 16, "per_example": 4}, "steering": {"rank": 1},
+                   "fit": {"steps": 20, "subsets_per_step": 8, "checkpoint_every": 10}},
+        "methods": ["stride", "graddot", "bm25", "random"],
+    }
+
+
+def test_sft_data_split_dedup_and_masks(files):
+    gguf, pairs = files
+    task = ExperimentConfig.from_dict(_config(gguf, pairs)).task
+    assert isinstance(task, SFTTask)
+    train, val, test = tasks.load_data(task)
+    assert (len(train), len(val), len(test)) == (28, 4, 8)
+    ids = np.concatenate([train.ids, val.ids, test.ids])
+    assert len(np.unique(ids)) == 40 and ids.max() < 44  # record indices after de-duplication
+    # only response tokens count: the prompt (chat template included) is masked
+    _, tok = tasks.pretrained(str(gguf))
+    first = int(np.argmax(train.loss_mask[0] > 0))
+    assert "<|im_start|>assistant" in tok.decode(train.inputs[0, : first + 1].tolist())
+    assert 0 < train.loss_mask.sum(1).min() and train.loss_mask.sum() < 0.8 * train.targets.size
+
+
+def test_sft_run_fine_tunes_the_pretrained_model_as_ground_truth(files, tmp_path):
+    gguf, pairs = files
+    cfg_path = tmp_path / "sft.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(gguf, pairs)))
+    assert cli.main(["run", str(cfg_path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "run" / "sft_tiny.json").read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"stride", "graddot", "bm25", "random"}
+    assert all(r["lds"]["mean"] is not None for r in rows.values())
+    cell = report["cells"][0]
+    assert cell["n_train"] == 28 and "mean" in cell["noise_ceiling"]["0.3"]
+    store = gt_lib.GroundTruthStore.open(tmp_path / "run" / "groundtruth")
+    assert store.is_complete()
+    # the ground truth fine-tuned the loaded checkpoint (top block), not a freshly initialised model
+    model, _ = tasks.pretrained(str(gguf))
+    assert store.meta["tune"] == {"mode": "top", "layers": 1, "rank": 8}
+    assert store.meta["start"] == models.param_digest(model)
+    losses = store.losses().mean(axis=1)  # [M, Q]
+    task = load_config(cfg_path).task
+    _, val, test = tasks.load_data(task)
+    from stride_jax import train as train_lib
+
+    base = train_lib.eval_loss(model, data.concat(val, test))
+    assert np.all(np.abs(losses - base[None]).mean(axis=1) > 1e-4)  # training moved the losses
+    assert np.abs(losses - base[None]).max() < 0.5 * np.abs(base).mean()  # ... from the start model's
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"methods": ["stride", "tracin"]}, "retrains the model from scratch"),
+    ({"methods": [{"name": "trak4", "method": "trak", "params": {"n_retrain": 4}}]}, "retrains the model"),
+    ({"task": {"data": {"min_response_tokens": 40}}}, "min_response_tokens"),
+    ({"task": {"tune": {"mode": "sideways"}}}, "Tune.mode"),
+])
+def test_sft_bad_configs_fail_before_any_work(files, change, match):
+    gguf, pairs = files
+    cfg = _config(gguf, pairs)
+    for k, v in change.items():
+        if k == "task":
+            for sk, sv in v.items():
+                cfg["task"][sk] = {**cfg["task"].get(sk, {}), **sv}
+        else:
+            cfg[k] = v
+    with pytest.raises((ValueError, TypeError), match=match):
+        ExperimentConfig.from_dict(cfg)
+
+
+def test_sft_missing_model_and_short_data_are_named(files, tmp_path):
+    gguf, pairs = files
+    task = ExperimentConfig.from_dict(_config(tmp_path / "nope.gguf", pairs)).task
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        tasks.load_data(task)
+    cfg = _config(gguf, pairs)
+    cfg["task"]["data"]["n_train"] = 60
+    task = ExperimentConfig.from_dict(cfg).task
+    with pytest.raises(ValueError, match="the task needs 72"):
+        tasks.load_data(task)
+
+
+def test_instruction_pairs_read_alpaca_and_prompt_response(tmp_path):
+    alpaca = tmp_path / "a.json"
+    alpaca.write_text(json.dumps([{"instruction": "Add", "input": "2 and 3", "output": "5"},
+                                  {"instruction": "Greet", "input": "", "output": " hi "}]))
+    assert data.read_instruction_pairs(alpaca) == [("Add\n\n2 and 3", "5"), ("Greet", "hi")]
+    bad = tmp_path / "b.jsonl"
+    bad.write_text(json.dumps({"question": "x"}) + "\n")
+    with pytest.raises(ValueError, match="record 0 has neither"):
+        data.read_instruction_pairs(bad)
+    empty = tmp_path / "c.jsonl"
+    empty.write_text(json.dumps({"prompt": "x", "response": "  "}) + "\n")
+    with pytest.raises(ValueError, match="empty response"):
+        data.read_instruction_pairs(empty)
