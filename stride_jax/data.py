@@ -371,7 +371,9 @@ def encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
 
 def read_instruction_pairs(path: str | Path) -> list[tuple[str, str]]:
     """(prompt, response) of every record of a .json list or .jsonl file: `prompt` + `response`
-    fields, or the alpaca layout `instruction` [+ `input`, joined by a blank line] + `output`."""
+    fields, the alpaca layout `instruction` [+ `input`, joined by a blank line] + `output`, or the
+    OpenAI evals layout `input` (chat messages; their contents joined by blank lines) + `ideal`
+    (the first of a list)."""
     path = Path(path)
     if path.suffix == ".json":
         import json
@@ -394,16 +396,34 @@ def read_instruction_pairs(path: str | Path) -> list[tuple[str, str]]:
             if (text("input") or "").strip():
                 prompt += "\n\n" + text("input").strip()
             response = text("output")
+        elif isinstance(r, dict) and r.get("input") is not None and r.get("ideal") is not None:
+            prompt, response = _evals_pair(r, f"{path}: record {i}")
         else:
             fields = sorted(r) if isinstance(r, dict) else type(r).__name__
-            raise ValueError(f"{path}: record {i} has neither 'prompt' + 'response' nor 'instruction' + 'output' "
-                             f"(fields: {fields})")
+            raise ValueError(f"{path}: record {i} has neither 'prompt' + 'response', 'instruction' + 'output' "
+                             f"nor 'input' + 'ideal' (fields: {fields})")
         if not response.strip():
             raise ValueError(f"{path}: record {i} has an empty response: nothing to attribute")
         out.append((prompt, response.strip()))
     if not out:
         raise ValueError(f"{path} holds no records")
     return out
+
+
+def _evals_pair(r: dict[str, Any], where: str) -> tuple[str, str]:
+    messages, ideal = r["input"], r["ideal"]
+    if isinstance(messages, str):
+        prompt = messages
+    elif isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                            for m in messages):
+        prompt = "\n\n".join(m["content"].strip() for m in messages)
+    else:
+        raise ValueError(f"{where}: 'input' must be a string or a list of chat messages with 'content'")
+    if isinstance(ideal, list):
+        ideal = ideal[0] if ideal else ""
+    if not isinstance(ideal, str):
+        raise ValueError(f"{where}: 'ideal' must be a string or a list of strings, got {type(ideal).__name__}")
+    return prompt, ideal
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

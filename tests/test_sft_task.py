@@ -132,3 +132,33 @@ def test_instruction_pairs_read_alpaca_and_prompt_response(tmp_path):
     empty.write_text(json.dumps({"prompt": "x", "response": "  "}) + "\n")
     with pytest.raises(ValueError, match="empty response"):
         data.read_instruction_pairs(empty)
+
+
+def test_evals_records_and_a_mix_of_tasks(files, tmp_path, monkeypatch):
+    """The OpenAI evals layout (chat `input` + `ideal`) and source "evals": per_task records of each
+    task (the registry is a fixture here; the real one comes from the evals wheel)."""
+    root = tmp_path / "evals_cache"
+    for t, (system, answers) in {"yesno": ("Answer 1 or 0", ["1", "0"]), "ab": ("Pick A or B", [["A", "a"], "B"])}.items():
+        d = root / "evals" / "registry" / "data" / t
+        d.mkdir(parents=True)
+        recs = [{"input": [{"role": "system", "content": system}, {"role": "user", "content": f"{t} q{i}"}],
+                 "ideal": answers[i % 2]} for i in range(30)]
+        (d / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        (d / "few_shot.jsonl").write_text(json.dumps({"sample": []}) + "\n")  # not data: skipped
+    pairs = data.read_instruction_pairs(root / "evals" / "registry" / "data" / "ab" / "samples.jsonl")
+    assert pairs[0] == ("Pick A or B\n\nab q0", "A") and pairs[1][1] == "B"  # first of a list of ideals
+    from stride_jax import downloads
+
+    asked = []
+    monkeypatch.setattr(downloads, "fetch", lambda name, only=None, **kw: asked.append((name, only)) or root)
+    gguf, pairs_file = files
+    cfg = _config(gguf, pairs_file)
+    cfg["task"]["data"] = {"source": "evals", "evals_tasks": ["yesno", "ab"], "per_task": 12, "n_train": 16,
+                           "val_queries": 4, "test_queries": 4, "seq_len": 60, "min_response_tokens": 2}
+    train, val, test = tasks.load_data(ExperimentConfig.from_dict(cfg).task)
+    assert asked == [("evals", ["yesno", "ab"])]
+    texts = train.texts + val.texts + test.texts
+    assert len(texts) == 24 and sum("yesno q" in t for t in texts) == 12 and sum("ab q" in t for t in texts) == 12
+    cfg["task"]["data"]["evals_tasks"] = []
+    with pytest.raises(ValueError, match="evals_tasks"):
+        ExperimentConfig.from_dict(cfg)

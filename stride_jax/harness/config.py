@@ -105,13 +105,16 @@ class SFTData:
     """Instruction (prompt, response) records; only response tokens count in every loss.
 
     `source`: "alpaca" (LLaMA-Factory's alpaca_en_demo.json, fetched by `stride-jax data fetch
-    alpaca`) or a .jsonl / .json file of `prompt` + `response` or `instruction` [+ `input`] +
-    `output` records. Exact duplicate records are dropped, records whose chat-templated prompt
+    alpaca`), "evals" (`per_task` records of each of `evals_tasks` from the OpenAI evals registry,
+    fetched from the `evals` wheel: chat `input` -> prompt, `ideal` -> response) or a .jsonl /
+    .json file of `prompt` + `response` or `instruction` [+ `input`] + `output` records. Exact duplicate records are dropped, records whose chat-templated prompt
     leaves fewer than `min_response_tokens` of `seq_len` are skipped, the rest shuffled with
     `seed` and split into pool, validation and test queries.
     """
 
     source: str = "alpaca"
+    evals_tasks: tuple[str, ...] = ()  # with source "evals": OpenAI evals registry tasks, a FLAN-like mix
+    per_task: int = 0  # with source "evals": records drawn from each task (0 = all)
     n_train: int = 256
     val_queries: int = 16
     test_queries: int = 32
@@ -123,6 +126,10 @@ class SFTData:
     def __post_init__(self) -> None:
         if min(self.n_train, self.val_queries, self.test_queries) < 1:
             raise ValueError("task.data.n_train, val_queries and test_queries must be >= 1")
+        if (self.source == "evals") != bool(self.evals_tasks):
+            raise ValueError("task.data.evals_tasks lists the tasks of source 'evals' (and only of it)")
+        if self.per_task < 0:
+            raise ValueError(f"task.data.per_task must be >= 0, got {self.per_task}")
         if not 2 <= self.min_response_tokens < self.seq_len:
             raise ValueError(f"task.data.min_response_tokens must be in [2, seq_len={self.seq_len}), "
                              f"got {self.min_response_tokens}")

@@ -99,18 +99,29 @@ def pretrained(path: str, dtype: str = "float32") -> tuple[Any, Any]:
     return load_model(path, dtype=dtype)
 
 
-def _sft_records(source: str) -> list[tuple[str, str]]:
-    """(prompt, response) pairs of an alpaca-style or prompt/response file, exact duplicates dropped."""
+def _sft_records(d: Any) -> list[tuple[str, str]]:
+    """(prompt, response) pairs of the task's source, exact duplicates dropped."""
     from stride_jax import downloads
 
-    path = downloads.fetch("alpaca") if source == "alpaca" else Path(source)
-    return list(dict.fromkeys(data_lib.read_instruction_pairs(path)))
+    if d.source != "evals":
+        path = downloads.fetch("alpaca") if d.source == "alpaca" else Path(d.source)
+        return list(dict.fromkeys(data_lib.read_instruction_pairs(path)))
+    root = downloads.fetch("evals", only=list(d.evals_tasks)) / "evals" / "registry" / "data"
+    pairs: list[tuple[str, str]] = []
+    for i, name in enumerate(d.evals_tasks):  # a FLAN-like mix: per_task records of each task
+        files = sorted(f for f in (root / name).rglob("*.jsonl") if "few_shot" not in f.name)
+        if not files:
+            raise ValueError(f"evals task {name!r} has no sample files under {root / name}")
+        task_pairs = list(dict.fromkeys(p for f in files for p in data_lib.read_instruction_pairs(f)))
+        order = np.random.default_rng([d.seed, i]).permutation(len(task_pairs))
+        pairs += [task_pairs[j] for j in (order[:d.per_task] if d.per_task else order)]
+    return list(dict.fromkeys(pairs))
 
 
 def _sft_data(task: SFTTask) -> tuple[data_lib.Examples, data_lib.Examples, data_lib.Examples]:
     d = task.data
     _, tok = pretrained(task.model.path, task.model.dtype)
-    pairs = _sft_records(d.source)
+    pairs = _sft_records(d)
     order = np.random.default_rng(d.seed).permutation(len(pairs))
     prompts = data_lib.templated_prompts([pairs[i][0] for i in order], tok, d.chat_template)
     fits = [i for i, p in zip(order, data_lib.encode(tok, prompts)) if len(p) <= d.seq_len - d.min_response_tokens]
