@@ -42,7 +42,9 @@ def _config(gguf, pairs, **task):
                  "groundtruth": {"n_subsets": 8, "seeds_per_subset": 2, "models_per_chunk": 8}, **task},
         "stride": {"design": {"n_subsets": 16, "per_example": 4}, "steering": {"rank": 1},
                    "fit": {"steps": 20, "subsets_per_step": 8, "checkpoint_every": 10}},
-        "methods": ["stride", "graddot", "bm25", "random"],
+        "methods": ["graddot", "bm25", "random"],
+        "variants": {"lambda 0.05": {"recovery": {"lambda_frac": 0.05}}, "lambda 0.2": {"recovery": {"lambda_frac": 0.2}}},
+        "select": {"n_boot": 20},
     }
 
 
@@ -70,6 +72,10 @@ def test_sft_run_fine_tunes_the_pretrained_model_as_ground_truth(files, tmp_path
     rows = {r["method"]: r for r in report["rows"]}
     assert set(rows) == {"stride", "graddot", "bm25", "random"}
     assert all(r["lds"]["mean"] is not None for r in rows.values())
+    # STRIDE chosen on validation from a sweep sharing one fit: its cost and memory are reported
+    assert report["selection"][0]["chosen"] in ("lambda 0.05", "lambda 0.2")
+    assert set(rows["stride"]["seconds"]) >= {"fit", "measure", "recover", "total"}
+    assert rows["stride"]["peak_memory_bytes"] > rows["stride"]["load_memory_bytes"] > 0
     cell = report["cells"][0]
     assert cell["n_train"] == 28 and "mean" in cell["noise_ceiling"]["0.3"]
     store = gt_lib.GroundTruthStore.open(tmp_path / "run" / "groundtruth")

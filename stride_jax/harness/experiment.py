@@ -91,8 +91,10 @@ def _variants(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, run_dir: 
             selection.append({"cell": cell, "group": group, "chosen": best, "val_lds": finite[best],
                               "grid_seconds": round(time.perf_counter() - t0, 1),
                               "settings": to_dict(results[best].cfg)})
-            chosen[method] = (results[best].attr, {"seconds": results[best].seconds,
-                                                   "not_converged": results[best].attr.n_not_converged})
+            secs = results[best].seconds
+            chosen[method] = (results[best].attr, {"seconds": {**secs, "total": round(sum(secs.values()), 3)},
+                                                   "not_converged": results[best].attr.n_not_converged,
+                                                   **results[best].memory})
             log.info("[%s] %s: chose %r (validation LDS %.3f of %d variants)", cell or cfg.name, method, best,
                      finite[best], len(finite))
     return rows, selection, chosen

@@ -66,6 +66,12 @@ def _mib(b: Any) -> str:
     return "-" if b is None else f"{b / 2**20:.0f}"
 
 
+def _total(r: dict[str, Any]) -> float:
+    """A row's total seconds (the sum of its stages where it records no total)."""
+    secs = r["seconds"]
+    return float(secs["total"]) if "total" in secs else float(sum(secs.values()))
+
+
 def _cell_label(cell: str) -> str:
     return cell or "-"
 
@@ -113,7 +119,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
                 continue
             stages = ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items() if k != "total")
             own = (r["peak_memory_bytes"] - r["load_memory_bytes"]) if r.get("peak_memory_bytes") else None
-            lines.append(f"| {m} | {_cell_label(c)} | {stages} | {r['seconds'].get('total', 0):.1f} | "
+            lines.append(f"| {m} | {_cell_label(c)} | {stages} | {_total(r):.1f} | "
                          f"{_mib(r.get('peak_memory_bytes'))} | {_mib(own)} |")
     info = {c["cell"]: c for c in report["cells"]}
     by_params: dict[int, list[str]] = {}
@@ -135,8 +141,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
             if a and b:
                 mem = (f"{b['peak_memory_bytes'] / a['peak_memory_bytes']:.2f}"
                        if a.get("peak_memory_bytes") and b.get("peak_memory_bytes") else "-")
-                lines.append(f"| {m} | {a['seconds']['total']:.1f} | {b['seconds']['total']:.1f} | "
-                             f"{b['seconds']['total'] / max(a['seconds']['total'], 1e-9):.2f} | {mem} |")
+                lines.append(f"| {m} | {_total(a):.1f} | {_total(b):.1f} | {_total(b) / max(_total(a), 1e-9):.2f} | {mem} |")
     if report.get("cost_n"):
         cn = report["cost_n"]
         ns = sorted({r["n"] for r in cn})

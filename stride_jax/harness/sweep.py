@@ -28,15 +28,26 @@ class VariantResult:
     attr: Attribution | None
     seconds: dict[str, float]
     error: str | None = None
+    memory: dict[str, int] = dataclasses.field(default_factory=dict)  # peak / load RSS of its fit + measure
 
 
 def fit_key(cfg: StrideConfig) -> str:
     return store.fingerprint({k: to_dict(getattr(cfg, k)) for k in ("design", "steering", "fit")})[:12]
 
 
-def _fit_and_measure(prepared: Any, cfg: StrideConfig, fit_dir: Path, progress: bool) -> tuple[Stride, Measurement, dict]:
-    seconds_path = fit_dir / "seconds.json"
+def _fit_and_measure(prepared: Any, cfg: StrideConfig, fit_dir: Path,
+                     progress: bool) -> tuple[Stride, Measurement, dict, dict]:
+    """(fit, measurement, seconds, memory); seconds and memory are the first run's (a resumed fit
+    reports those, not the time of reloading it). Memory: this process's resident set when the fit
+    began ("load_memory_bytes": the harness with data, model and ground truth) and its peak while
+    the fit and measurement ran ("peak_memory_bytes", VmHWM reset first; Linux only)."""
+    from stride_jax.harness.runner import reset_peak_rss, status_bytes
+
+    seconds_path, memory_path = fit_dir / "seconds.json", fit_dir / "memory.json"
     recorded = store.read_json(seconds_path) if seconds_path.exists() else None
+    fresh = recorded is None
+    can_reset = fresh and reset_peak_rss()
+    load = status_bytes("VmRSS")
     t0 = time.perf_counter()
     stride = Stride(cfg).fit(prepared.model, prepared.train, workdir=fit_dir, progress=progress)
     t1 = time.perf_counter()
@@ -48,9 +59,12 @@ def _fit_and_measure(prepared: Any, cfg: StrideConfig, fit_dir: Path, progress: 
         m = stride.measure(prepared.queries, progress=progress)
         store.save_npz(cache, {"base": m.base_loss_Q, "steered": m.steered_loss_QxK})
     seconds = recorded or {"fit": round(t1 - t0, 3), "measure": round(time.perf_counter() - t1, 3)}
-    if recorded is None:
+    if fresh:
         store.write_json(seconds_path, seconds)  # the first run's timings, reported on resume too
-    return stride, m, seconds
+        if can_reset and load is not None:
+            store.write_json(memory_path, {"peak_memory_bytes": status_bytes("VmHWM"), "load_memory_bytes": load})
+    memory = store.read_json(memory_path) if memory_path.exists() else {}
+    return stride, m, seconds, memory
 
 
 def run_variants(prepared: Any, configs: dict[str, StrideConfig | str], workdir: Path, *,
@@ -73,11 +87,12 @@ def run_variants(prepared: Any, configs: dict[str, StrideConfig | str], workdir:
         if isinstance(fits[key], str):
             out[name] = VariantResult(name, cfg, None, {}, error=fits[key])
             continue
-        stride, m, seconds = fits[key]
+        stride, m, seconds, memory = fits[key]
         t0 = time.perf_counter()
         variant = stride.with_config(cfg)
         attr = variant.recover(variant.responses(m), prepared.queries.ids)
-        out[name] = VariantResult(name, variant.cfg, attr, {**seconds, "recover": round(time.perf_counter() - t0, 3)})
+        out[name] = VariantResult(name, variant.cfg, attr, {**seconds, "recover": round(time.perf_counter() - t0, 3)},
+                                  memory=memory)
     return out
 
 
