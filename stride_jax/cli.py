@@ -32,9 +32,26 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _experiment(args: argparse.Namespace):
+    import dataclasses
+
     from stride_jax.harness import load_config
 
-    return load_config(args.config)
+    cfg = load_config(args.config)
+    if getattr(args, "cells", None):
+        names = [n.strip() for n in args.cells.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(c.name for c in cfg.cells))
+        if unknown or not names:
+            raise ValueError(f"--cells {args.cells!r}: unknown cell(s) {unknown}; the config's cells: "
+                             f"{[c.name for c in cfg.cells]}")
+        methods = []  # a method limited to cells that are all left out is left out too
+        for m in cfg.methods:
+            if not m.cells:
+                methods.append(m)
+            elif set(m.cells) & set(names):
+                methods.append(dataclasses.replace(m, cells=tuple(c for c in m.cells if c in names)))
+        cfg = dataclasses.replace(cfg, cells=tuple(c for c in cfg.cells if c.name in names), methods=tuple(methods))
+        cfg.validate()
+    return cfg
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -98,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
     r = sub.add_parser("run", help="run an experiment config (experiments/configs/*.yaml)")
     r.add_argument("config", help="YAML/JSON experiment config, or a built-in name (demo, quick)")
+    r.add_argument("--cells", help="comma-separated cell names: run and report only these (their stores are "
+                   "shared with a full run through the same --out)")
     outputs(r)
     r.set_defaults(fn=cmd_run)
     c = sub.add_parser("config", help="print an experiment config, resolved and validated, as JSON")

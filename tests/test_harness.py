@@ -219,3 +219,17 @@ def test_report_cost_growth_follows_n_within_a_size_and_parameters_across_sizes(
     assert "l-n100 to" not in md  # a size with one n has no growth row
     md = report_lib.markdown(_fake_report([("s", 1000, 100), ("l", 9000, 100)]), "cmd")
     assert "## Cost growth from s to l (9.0x parameters)" in md
+
+
+def test_cells_option_runs_a_subset_of_cells(capsys):
+    """`stride-jax run --cells` keeps the named cells (and the methods that run in them); an unknown
+    name is a one-line error before any work."""
+    args = cli.build_parser().parse_args(["run", str(CONFIGS / "nk_regime.yaml"), "--cells", "0.2M-n768,0.2M-n3072"])
+    cfg = cli._experiment(args)
+    assert [c.name for c in cfg.cells] == ["0.2M-n768", "0.2M-n3072"]
+    assert {m.name for m in cfg.methods} == {m.name for m in load_config(CONFIGS / "nk_regime.yaml").methods}
+    assert cli.main(["run", str(CONFIGS / "nk_regime.yaml"), "--cells", "0.2M-n768,huge", "--no-progress"]) == 2
+    assert "unknown cell(s) ['huge']" in capsys.readouterr().err
+    cfg = cli._experiment(cli.build_parser().parse_args(["run", str(CONFIGS / "pretrain_lds.yaml"), "--cells", "0.2M"]))
+    assert all(not m.cells or m.cells == ("0.2M",) for m in cfg.methods)
+    assert "stride-tuned" not in {m.name for m in cfg.methods}  # limited to 2.2M: left out with it
