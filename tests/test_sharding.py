@@ -173,15 +173,25 @@ def test_map_queries_runs_fista_per_query_block():
     m = sharding.mesh("queries")
     out = sharding.map_queries(solve, y_QxK, m, args=(lam_Q,), out_axes=recovery.FistaResult(1, 0, 0, 0, 0))
     assert out.coef.shape == (30, 6) and out.n_iter.shape == (6,)  # Q = 6 padded to 8, then trimmed
-    scale = np.abs(np.asarray(direct.coef)).max()
-    np.testing.assert_allclose(np.asarray(out.coef), np.asarray(direct.coef), atol=1e-4 * scale)
+    # n = 30 > K = 12 with d = 2: some columns of the design coincide, so the Lasso minimiser w is not
+    # unique (weight can move between equal columns; seen: 1.6e-4 apart at equal objectives on one
+    # CPU); what is unique is the fit M w and ||w||_1 (hence the objective): compare those
+    m_KxN = design.dense().astype(np.float64)
+
+    def same_solution(got, want):
+        g, w = np.asarray(got.coef, np.float64), np.asarray(want.coef, np.float64)
+        fit = m_KxN @ w
+        np.testing.assert_allclose(m_KxN @ g, fit, atol=1e-4 * np.abs(fit).max())
+        np.testing.assert_allclose(np.abs(g).sum(0), np.abs(w).sum(0), rtol=1e-4)
+
+    same_solution(out, direct)
     again = sharding.map_queries(solve, y_QxK, m, args=(lam_Q,), out_axes=recovery.FistaResult(1, 0, 0, 0, 0))
     np.testing.assert_array_equal(np.asarray(again.coef), np.asarray(out.coef))
     # a dense design passed whole to every device (replicated), not closed over
     dense = sharding.map_queries(lambda y, lam, m_KxN: recovery.fista_lasso(y, m_KxN, lam, cfg), y_QxK, m,
                                  args=(lam_Q,), replicated=(jnp.asarray(design.dense()),),
                                  out_axes=recovery.FistaResult(1, 0, 0, 0, 0))
-    np.testing.assert_allclose(np.asarray(dense.coef), np.asarray(direct.coef), atol=1e-4 * scale)
+    same_solution(dense, direct)
     with pytest.raises(ValueError, match="leading query axis"):
         sharding.map_queries(solve, y_QxK, m, args=(lam_Q[:3],))
 
