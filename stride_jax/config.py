@@ -163,6 +163,9 @@ class MeasureConfig:
     n_reference: pool examples of the fit-time reference (measured once per fit).
     operator_chunk / query_chunk: operators applied at once (`lax.map` batch) / queries per
       compiled call (the last chunk is padded, so one program serves every call).
+    chunk_bytes: bound on the float32 logits of one step (operator_chunk x query_chunk x T x V x
+      4 bytes); both chunks shrink (operators first) until it holds, so a large vocabulary or long
+      sequences cannot exhaust memory. Chunking changes speed, never results.
     """
 
     space: Literal["log", "diff"] = "log"
@@ -173,6 +176,7 @@ class MeasureConfig:
     n_reference: int = 64
     operator_chunk: int = 32
     query_chunk: int = 64
+    chunk_bytes: int = 2**30
 
     def __post_init__(self) -> None:
         if self.space not in ("log", "diff"):
@@ -182,7 +186,7 @@ class MeasureConfig:
         if not 0 < float(self.loss_floor) < 1:
             raise ValueError(f"measure.loss_floor must lie in (0, 1), got {self.loss_floor}")
         _check_positive_int("measure", operator_chunk=self.operator_chunk, query_chunk=self.query_chunk,
-                            n_reference=self.n_reference)
+                            n_reference=self.n_reference, chunk_bytes=self.chunk_bytes)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ the operator axis is split over devices by `shard_map`, compiled once per mesh.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -106,7 +106,8 @@ def measure(
         chunk_fn = _sharded_measure_chunk(mesh, axis)
     data = device_batch(queries)
     n = len(queries)
-    size = min(cfg.query_chunk, n)
+    operator_chunk, size = chunk_sizes(operator_chunk, min(cfg.query_chunk, n), queries, model.out_dim,
+                                       cfg.chunk_bytes)
     base, steered = [], []
     for start in tqdm(range(0, n, size), desc=desc, disable=not progress, leave=False):
         idx = jnp.asarray(np.minimum(np.arange(start, start + size), n - 1))  # last chunk padded
@@ -116,6 +117,17 @@ def measure(
         base.append(np.asarray(b)[:keep])
         steered.append(np.asarray(s).T[:keep])
     return Measurement(np.concatenate(base), np.concatenate(steered))
+
+
+def chunk_sizes(operator_chunk: int, query_chunk: int, queries: Any, out_dim: int, budget: int) -> tuple[int, int]:
+    """(operator_chunk, query_chunk) shrunk, operators first, until one step's float32 logits
+    (operators x queries x positions x out_dim x 4 bytes) fit in `budget` bytes (or both are 1)."""
+    per = 4 * int(out_dim) * (int(queries.targets.shape[1]) if queries.targets.ndim == 2 else 1)
+    while operator_chunk > 1 and operator_chunk * query_chunk * per > budget:
+        operator_chunk = max(1, operator_chunk // 2)
+    while query_chunk > 1 and operator_chunk * query_chunk * per > budget:
+        query_chunk = max(1, query_chunk // 2)
+    return operator_chunk, query_chunk
 
 
 def raw_responses(m: Measurement, cfg: MeasureConfig = MeasureConfig()) -> np.ndarray:

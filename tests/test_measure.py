@@ -41,10 +41,25 @@ def test_measure_matches_reference_and_is_chunk_invariant(setup, placement):
     np.testing.assert_allclose(m.base_loss_Q, np.asarray(models.example_loss(o, t)), rtol=1e-6)
     whole = measure(model, bank, q, cfg, MeasureConfig(query_chunk=64, operator_chunk=64), progress=False)
     np.testing.assert_allclose(whole.steered_loss_QxK, m.steered_loss_QxK, rtol=1e-5)
+    tiny = measure(model, bank, q, cfg, MeasureConfig(query_chunk=64, operator_chunk=64, chunk_bytes=1),
+                   progress=False)  # the memory bound shrinks both chunks to 1: same numbers
+    np.testing.assert_allclose(tiny.steered_loss_QxK, m.steered_loss_QxK, rtol=1e-5)
     # a second call with the same shapes (7 queries in chunks of 3: the last one padded) reuses the program
     compiled = _measure_chunk_jit._cache_size()
     measure(model, bank, q[:5], cfg, MeasureConfig(query_chunk=3, operator_chunk=4), progress=False)
     assert _measure_chunk_jit._cache_size() == compiled
+
+
+def test_chunks_shrink_to_the_memory_bound():
+    """SmolLM2's vocabulary at 321 tokens: the default 32 operators x 64 queries would be 129 GB of
+    logits (the --preset quick failure); the chunks shrink, operators first, to fit 1 GiB."""
+    from stride_jax.measure import chunk_sizes
+
+    q = Examples(inputs=np.zeros((64, 321), np.int32), targets=np.zeros((64, 321), np.int32), ids=np.arange(64))
+    ops, qs = chunk_sizes(32, 64, q, 49152, 2**30)
+    assert ops * qs * 321 * 49152 * 4 <= 2**30 and ops == 1 and qs >= 8
+    assert chunk_sizes(32, 64, q, 32, 2**30) == (32, 64)  # a small vocabulary keeps the configured chunks
+    assert chunk_sizes(4, 3, q, 49152, 1) == (1, 1)
 
 
 def test_zero_bank_measures_zero_response(setup):
