@@ -101,20 +101,14 @@ def main() -> None:
 
     def build():
         pairs = list(dict.fromkeys(data.read_instruction_pairs(alpaca)))  # exact duplicates dropped
-        order = np.random.default_rng(0).permutation(len(pairs))
-        # keep records whose chat-templated prompt leaves room for >= 8 response tokens
-        prompts = [tok.apply_chat_template([{"role": "user", "content": pairs[i][0]}], tokenize=False,
-                                           add_generation_prompt=True) for i in order]
-        lens = [len(t) for t in tok(prompts, add_special_tokens=False)["input_ids"]]
-        keep = [int(i) for i, n in zip(order, lens) if n <= args.seq_len - 8]
+        # records whose chat-templated prompt leaves room for >= 8 response tokens, shuffled (seed 0)
+        ex = data.instruction_examples(pairs, tok, args.seq_len, min_response_tokens=8, seed=0,
+                                       limit=None if args.n_train is None else args.n_train + args.n_query)
         if args.n_train is None:
-            args.n_train = len(keep) - args.n_query
+            args.n_train = len(ex) - args.n_query
         need = args.n_train + args.n_query
-        if len(keep) < need:
-            raise SystemExit(f"only {len(keep)} records fit --seq-len {args.seq_len}; need {need}")
-        keep = keep[:need]
-        ex = data.examples_from_pairs([pairs[i][0] for i in keep], [pairs[i][1] for i in keep], tok,
-                                      args.seq_len, truncate=True)
+        if len(ex) < need:
+            raise SystemExit(f"only {len(ex)} records fit --seq-len {args.seq_len}; need {need}")
         return ex[np.arange(args.n_train)], ex[np.arange(args.n_train, need)]
 
     pool, queries = st.run("data", build)

@@ -355,6 +355,26 @@ def examples_from_pairs(
                        tokenizer=tokenizer)
 
 
+def instruction_examples(
+    pairs: Sequence[tuple[str, str]], tokenizer: Any, seq_len: int, *, min_response_tokens: int = 8,
+    seed: int = 0, chat_template: bool = True, limit: int | None = None,
+) -> Examples:
+    """Examples of the (prompt, response) pairs whose templated prompt leaves at least
+    `min_response_tokens` of `seq_len` for the response (longer responses are truncated), in a
+    shuffled order (`seed`), at most `limit` of them; ids are the pairs' indices. Only response
+    tokens count in the loss (`examples_from_pairs`)."""
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    prompts = templated_prompts([pairs[i][0] for i in order], tokenizer, chat_template)
+    keep = [int(i) for i, t in zip(order, _encode(tokenizer, prompts)) if len(t) <= seq_len - min_response_tokens]
+    keep = keep[:limit] if limit is not None else keep
+    if not keep:
+        raise ValueError(f"none of {len(pairs)} pairs leaves >= {min_response_tokens} response tokens at "
+                         f"seq_len {seq_len}")
+    ex = examples_from_pairs([pairs[i][0] for i in keep], [pairs[i][1] for i in keep], tokenizer, seq_len,
+                             chat_template=chat_template, truncate=True)
+    return dataclasses.replace(ex, ids=np.asarray(keep))
+
+
 def templated_prompts(prompts: Sequence[str], tokenizer: Any, chat_template: bool = True) -> list[str]:
     """Each prompt as a user turn + the assistant prefix under the tokenizer's chat template (as
     `examples_from_pairs` wraps them); unchanged without a template or with chat_template=False."""
@@ -362,11 +382,6 @@ def templated_prompts(prompts: Sequence[str], tokenizer: Any, chat_template: boo
         return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                               add_generation_prompt=True) for p in prompts]
     return list(prompts)
-
-
-def encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens added."""
-    return _encode(tokenizer, texts)
 
 
 def read_instruction_pairs(path: str | Path) -> list[tuple[str, str]]:

@@ -122,18 +122,13 @@ def _sft_data(task: SFTTask) -> tuple[data_lib.Examples, data_lib.Examples, data
     d = task.data
     _, tok = pretrained(task.model.path, task.model.dtype)
     pairs = _sft_records(d)
-    order = np.random.default_rng(d.seed).permutation(len(pairs))
-    prompts = data_lib.templated_prompts([pairs[i][0] for i in order], tok, d.chat_template)
-    fits = [i for i, p in zip(order, data_lib.encode(tok, prompts)) if len(p) <= d.seq_len - d.min_response_tokens]
     need = d.n_train + d.val_queries + d.test_queries
-    if len(fits) < need:
-        raise ValueError(f"{d.source}: {len(fits)} of {len(pairs)} distinct records leave >= {d.min_response_tokens} "
+    ex = data_lib.instruction_examples(pairs, tok, d.seq_len, min_response_tokens=d.min_response_tokens, seed=d.seed,
+                                       chat_template=d.chat_template, limit=need)  # ids: record indices
+    if len(ex) < need:
+        raise ValueError(f"{d.source}: {len(ex)} of {len(pairs)} distinct records leave >= {d.min_response_tokens} "
                          f"response tokens at seq_len {d.seq_len}; the task needs {need} "
                          f"(n_train + val_queries + test_queries)")
-    keep = [int(i) for i in fits[:need]]
-    ex = data_lib.examples_from_pairs([pairs[i][0] for i in keep], [pairs[i][1] for i in keep], tok, d.seq_len,
-                                      chat_template=d.chat_template, truncate=True)
-    ex = dataclasses.replace(ex, ids=np.asarray(keep))  # record indices (after de-duplication)
     a, b = d.n_train, d.n_train + d.val_queries
     return ex[np.arange(a)], ex[np.arange(a, b)], ex[np.arange(b, need)]
 
