@@ -31,12 +31,13 @@ def _setup_logging(quiet: bool) -> None:
     logger.propagate = False
 
 
-def _experiment(args: argparse.Namespace):
+def _experiment(args: argparse.Namespace, *, whole: bool = False):
+    """The config of `args` (limited to --cells); with `whole`, (that, the whole config or None)."""
     import dataclasses
 
     from stride_jax.harness import load_config
 
-    cfg = load_config(args.config)
+    cfg = full = load_config(args.config)
     if getattr(args, "cells", None):
         names = [n.strip() for n in args.cells.split(",") if n.strip()]
         unknown = sorted(set(names) - set(c.name for c in cfg.cells))
@@ -51,18 +52,19 @@ def _experiment(args: argparse.Namespace):
                 methods.append(dataclasses.replace(m, cells=tuple(c for c in m.cells if c in names)))
         cfg = dataclasses.replace(cfg, cells=tuple(c for c in cfg.cells if c.name in names), methods=tuple(methods))
         cfg.validate()
-    return cfg
+    return (cfg, full if cfg is not full else None) if whole else cfg
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from stride_jax.harness import run
     from stride_jax.harness.report import markdown
 
-    cfg = _experiment(args)
+    cfg, full = _experiment(args, whole=True)
     out = Path(args.out or f"runs/{cfg.name}")
     results = Path(args.results) if args.results else out
     command = " ".join(["stride-jax", *sys.argv[1:]]) if sys.argv[0].endswith("stride-jax") else ""
-    report = run(cfg, out, results, progress=not args.no_progress, command=command or f"stride-jax run {args.config}")
+    report = run(cfg, out, results, progress=not args.no_progress, command=command or f"stride-jax run {args.config}",
+                 full=full)
     text = markdown({**report, "machine": "", "date": ""}, command)
     print(text.split("## Cost")[0].rstrip())
     if report.get("examples"):
@@ -115,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
     r = sub.add_parser("run", help="run an experiment config (experiments/configs/*.yaml)")
     r.add_argument("config", help="YAML/JSON experiment config, or a built-in name (demo, quick)")
-    r.add_argument("--cells", help="comma-separated cell names: run and report only these (their stores are "
-                   "shared with a full run through the same --out)")
+    r.add_argument("--cells", help="comma-separated cell names: run only these (their stores are shared with a "
+                   "full run through the same --out); the results file keeps the other cells from its last version")
     outputs(r)
     r.set_defaults(fn=cmd_run)
     c = sub.add_parser("config", help="print an experiment config, resolved and validated, as JSON")

@@ -233,3 +233,33 @@ def test_cells_option_runs_a_subset_of_cells(capsys):
     cfg = cli._experiment(cli.build_parser().parse_args(["run", str(CONFIGS / "pretrain_lds.yaml"), "--cells", "0.2M"]))
     assert all(not m.cells or m.cells == ("0.2M",) for m in cfg.methods)
     assert "stride-tuned" not in {m.name for m in cfg.methods}  # limited to 2.2M: left out with it
+
+
+def test_results_of_other_cells_are_kept_when_running_some_cells():
+    """A `--cells` run rewrites its own cells' entries and keeps the other cells' (from the results
+    file's previous version, in the config's cell order, with where they come from); a results
+    file of a different experiment is refused."""
+    full = {"name": "x", "cells": [{"name": c} for c in ("a", "b", "c")], "task": {"kind": "lm", "lr": 1.0}}
+    earlier = {**_fake_report([("a", 1000, 100), ("b", 1000, 400)]), "config": {**full, "cells": full["cells"][:2]},
+               "command": "stride-jax run x --cells a,b"}
+    now = _fake_report([("b", 1000, 400), ("c", 9000, 100)])
+    for r in now["rows"]:
+        r["lds"] = {"mean": 0.3, "ci95": [0.2, 0.4]}
+    merged = report_lib.merge_earlier(now, earlier, full)
+    assert [c["cell"] for c in merged["cells"]] == ["a", "b", "c"]
+    assert [(r["cell"], r["lds"]["mean"]) for r in merged["rows"]] == [
+        ("a", 0.1), ("a", 0.1), ("b", 0.3), ("b", 0.3), ("c", 0.3), ("c", 0.3)]
+    assert merged["earlier_cells"] == [{"cell": "a", "command": "stride-jax run x --cells a,b", "machine": "m",
+                                        "date": "d"}]
+    assert "Cells a are kept from an earlier run: `stride-jax run x --cells a,b`" in report_lib.markdown(merged, "cmd")
+    again = report_lib.merge_earlier(_fake_report([("c", 9000, 100)]), merged, full)  # provenance carries over
+    assert again["earlier_cells"][0]["command"] == "stride-jax run x --cells a,b"
+    assert [c["cell"] for c in again["earlier_cells"]] == ["a", "b"]
+    with pytest.raises(ValueError, match=r"differs in \['task.lr'\]"):
+        report_lib.merge_earlier(now, earlier, {**full, "task": {"kind": "lm", "lr": 2.0}})
+    with pytest.raises(ValueError, match="holds experiment 'x'"):
+        report_lib.merge_earlier(now, earlier, {**full, "name": "y"})
+    args = cli.build_parser().parse_args(["run", str(CONFIGS / "nk_regime.yaml"), "--cells", "0.2M-n768"])
+    cfg, whole = cli._experiment(args, whole=True)
+    assert len(whole.cells) == 5 and len(cfg.cells) == 1
+    assert cli._experiment(cli.build_parser().parse_args(["run", str(CONFIGS / "nk_regime.yaml")]), whole=True)[1] is None

@@ -159,9 +159,29 @@ def _cost_n(cfg: ExperimentConfig, out: Path, progress: bool) -> list[dict[str, 
     return rows
 
 
+def _earlier(results_dir: Path, name: str) -> dict[str, Any] | None:
+    """The results file's previous version (its command from the markdown where the json has none)."""
+    path = results_dir / f"{name}.json"
+    if not path.exists():
+        return None
+    earlier = store.read_json(path)
+    md = results_dir / f"{name}.md"
+    if not earlier.get("command") and md.exists():
+        for line in md.read_text().splitlines():
+            if line.startswith("Command: `"):
+                earlier["command"] = line.split("`")[1]
+                break
+    return earlier
+
+
 def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None = None, *, progress: bool = True,
-        command: str = "") -> dict[str, Any]:
-    """Every stage of `cfg` (resuming from `out`); writes the report; returns it."""
+        command: str = "", full: ExperimentConfig | None = None) -> dict[str, Any]:
+    """Every stage of `cfg` (resuming from `out`); writes the report; returns it.
+
+    `full`: the whole config when `cfg` runs some of its cells (`--cells`): the results file
+    then keeps the other cells' entries from its previous version (ValueError if that was
+    written by a different config), and says which run they come from.
+    """
     out = store.check_writable_dir(out, "output directory")
     results_dir = Path(results_dir) if results_dir is not None else out
     command = command or f"stride-jax run <config> --out {out}"
@@ -213,6 +233,9 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
                 report["examples"] += _examples(p, cell, name, scored[name], cfg.show_examples)
         report["cost_n"] = _cost_n(cfg, out, progress) if cfg.cost_n is not None else []
         report["wall_seconds_this_invocation"] = round(time.perf_counter() - t_start, 1)
+        earlier = _earlier(results_dir, cfg.name) if full is not None else None
+        if earlier is not None:
+            report = report_lib.merge_earlier(report, earlier, full.to_dict())
         report_lib.write(report, results_dir, command)
         store.write_json(out / "config.json", cfg.to_dict())
     return report

@@ -81,12 +81,18 @@ def markdown(report: dict[str, Any], command: str) -> str:
     cells = [c["cell"] for c in report["cells"]]
     alphas = sorted({r["alpha"] for r in report["rows"]}) or [None]
     split = cfg.get("split", "test")
-    lines = [f"# {cfg['name']}", "", f"Command: `{command}`. Machine: {report['machine']}; {report['date']}.", "",
-             f"LDS on held-out **{split}** queries: per query, the Spearman correlation over retrained random "
-             "alpha-subsets between the summed scores of the subset's examples and minus the query's loss "
-             "(seed-averaged), averaged over queries; 95% interval from a joint subset x query bootstrap; NaN = "
-             "queries whose LDS is undefined. Sign: positive score = including the example lowers the query's "
-             "loss.", ""]
+    lines = [f"# {cfg['name']}", "", f"Command: `{command}`. Machine: {report['machine']}; {report['date']}.", ""]
+    runs: dict[tuple[str, str, str], list[str]] = {}
+    for e in report.get("earlier_cells", []):
+        runs.setdefault((e["command"], e["machine"], e["date"]), []).append(e["cell"])
+    for (cmd, mach, date), kept in runs.items():
+        lines += [f"Cells {', '.join(kept)} are kept from an earlier run: `{cmd or 'command not recorded'}`. "
+                  f"Machine: {mach}; {date}.", ""]
+    lines += [f"LDS on held-out **{split}** queries: per query, the Spearman correlation over retrained random "
+              "alpha-subsets between the summed scores of the subset's examples and minus the query's loss "
+              "(seed-averaged), averaged over queries; 95% interval from a joint subset x query bootstrap; NaN = "
+              "queries whose LDS is undefined. Sign: positive score = including the example lowers the query's "
+              "loss.", ""]
     lines += ["| cell | params | n train | ground truth | base test loss | noise ceiling (1 seed) | ceiling for the "
               "seed average |", "|---|---|---|---|---|---|---|"]
     for c in report["cells"]:
@@ -270,12 +276,58 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+CELL_KEYED = ("cells", "rows", "variants", "selection", "counterfactual", "examples", "cost_n")
+
+
+def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def merge_earlier(report: dict[str, Any], earlier: dict[str, Any], full_config: dict[str, Any]) -> dict[str, Any]:
+    """`report` (a run of some of `full_config`'s cells) with the entries of the other cells kept
+    from `earlier` (the results file's previous version), in the config's cell order.
+
+    Raises ValueError when `earlier` was written by a different experiment: a setting present
+    in both configs (cells and methods aside) with different values. Settings only one of them
+    has (a field added to the library since) do not count.
+    """
+    if earlier.get("config", {}).get("name") != full_config["name"]:
+        raise ValueError(f"the results file holds experiment {earlier.get('config', {}).get('name')!r}, "
+                         f"not {full_config['name']!r}")
+    a = _leaves({k: v for k, v in earlier["config"].items() if k not in ("cells", "methods")})
+    b = _leaves({k: v for k, v in full_config.items() if k not in ("cells", "methods")})
+    differ = sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
+    if differ:
+        raise ValueError(f"the results file was written by another version of {full_config['name']!r} "
+                         f"(differs in {differ[:5]}); write this run elsewhere (--results)")
+    now = {c["cell"] for c in report["cells"]}
+    order = {c["name"]: i for i, c in enumerate(full_config.get("cells", []))}
+    merged = dict(report)
+    for key in CELL_KEYED:
+        kept = [e for e in earlier.get(key, []) if e.get("cell") not in now]
+        merged[key] = sorted(kept + list(report.get(key, [])), key=lambda e: order.get(e.get("cell"), len(order)))
+    earlier_cells = [c["cell"] for c in merged["cells"] if c["cell"] not in now]
+    if earlier_cells:
+        prior = earlier.get("earlier_cells", [])
+        merged["earlier_cells"] = [e for e in prior if e["cell"] in earlier_cells] + [
+            {"cell": c, "command": earlier.get("command", ""), "machine": earlier.get("machine", ""),
+             "date": earlier.get("date", "")} for c in earlier_cells if c not in {e["cell"] for e in prior}]
+    merged["config"] = full_config
+    return merged
+
+
 def write(report: dict[str, Any], results_dir: Path, command: str) -> list[Path]:
     """`<name>.json`, `<name>.md`, `<name>.png` in `results_dir`."""
     name = report["config"]["name"]
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    report = {**report, "machine": report.get("machine") or machine(), "date": report.get("date") or time.strftime("%Y-%m-%d")}
+    report = {**report, "machine": report.get("machine") or machine(), "date": report.get("date") or time.strftime("%Y-%m-%d"),
+              "command": command}
     paths = [store.write_json(results_dir / f"{name}.json", report),
              store.atomic_write(results_dir / f"{name}.md", markdown(report, command))]
     png = plot(report, results_dir / f"{name}.png")
