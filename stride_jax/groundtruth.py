@@ -518,6 +518,10 @@ def _run_pending(store: GroundTruthStore, model_cfg: Any, train_cfg: Any, train_
         groups.setdefault((j * r + s) // p, []).append((j, s))
 
     subset_idx_MxNs, seeds_MxR = store.subsets(), store.seeds()
+    hooks = hooks_q = None
+    if start is not None and groups:  # the frozen trunk of pool and queries, once for every chunk
+        hooks = train_lib.hook_states(start, tune, train_examples)
+        hooks_q = train_lib.hook_states(start, tune, query_examples, like=hooks)
     with tqdm(total=store.cfg.n_subsets * r, initial=store.n_done(), disable=not progress,
               unit="model", desc="ground-truth retrains") as bar:
         for group in groups.values():
@@ -531,8 +535,8 @@ def _run_pending(store: GroundTruthStore, model_cfg: Any, train_cfg: Any, train_
                                                    batch_size=eval_batch_size)
             else:
                 tuned = train_lib.finetune_many(start, train_examples, subset_idx_MxNs[j_C], seeds_MxR[j_C, r_C],
-                                                train_cfg, tune, progress=False, mesh=mesh)
-                losses_CxQ = tuned.eval_losses(query_examples, batch_size=eval_batch_size)
+                                                train_cfg, tune, progress=False, mesh=mesh, hooks=hooks)
+                losses_CxQ = tuned.eval_losses(query_examples, batch_size=eval_batch_size, hooks=hooks_q)
             store.write_chunk(j_C, r_C, np.asarray(losses_CxQ))
             bar.update(len(group))
     return store

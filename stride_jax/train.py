@@ -615,6 +615,42 @@ def _hook_data(graphdef, states, examples, layer: int, batch_size: int):
     return jnp.concatenate(hs), targets, mask, weights
 
 
+class HookStates(NamedTuple):
+    """Examples as a fine-tune of one start model with one `Tune` reads them: the device batch
+    with inputs replaced by the frozen trunk's output trunk(x, layer) (the inputs themselves
+    when the whole model trains), and the split of the start model into trained and frozen
+    parameters. Computed once by `hook_states`, reused by every `finetune_many` /
+    `Tuned.eval_losses` call of the same start model and tune (a ground-truth sweep fine-tunes
+    hundreds of models on one pool: the trunk is the same for all of them)."""
+
+    plan: _Plan
+    data: tuple
+    n: int
+    tune: Tune
+
+
+def hook_states(start: nnx.Module, tune: Tune, examples, *, hook_batch_size: int = 64,
+                like: HookStates | None = None) -> HookStates:
+    """`examples` through the frozen trunk of `start` for fine-tunes with `tune`, once.
+
+    `like`: hook states of another example set of the same start model and tune (the pool when
+    these are the queries): its parameter split is reused.
+    """
+    models.check_examples(start.cfg, examples)
+    if like is not None and like.tune != tune:
+        raise ValueError(f"hook_states(like=...) was made for {like.tune}, not {tune}")
+    plan = like.plan if like is not None else _plan(start, tune, examples.inputs[:1])
+    states = (plan.trainable,) if plan.frozen is None else (plan.trainable, plan.frozen)
+    return HookStates(plan, _hook_data(plan.graphdef, states, examples, plan.layer, hook_batch_size),
+                      len(examples.inputs), tune)
+
+
+def _check_hooks(hooks: HookStates, tune: Tune, examples) -> None:
+    if hooks.tune != tune or hooks.n != len(examples.inputs):
+        raise ValueError(f"hooks were computed for {hooks.n} examples with {hooks.tune}; this call has "
+                         f"{len(examples.inputs)} examples with {tune}")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Tuned:
     """M fine-tuned models that share their frozen parameters (see `finetune_many`).
@@ -652,11 +688,16 @@ class Tuned:
         return model
 
     def eval_losses(self, examples, *, batch_size: int = 256, hook_batch_size: int = 64,
-                    progress: bool = False) -> np.ndarray:
-        """Per-example loss [M, N] of every model; the frozen trunk runs once per example."""
+                    progress: bool = False, hooks: HookStates | None = None) -> np.ndarray:
+        """Per-example loss [M, N] of every model; the frozen trunk runs once per example (or
+        not at all with `hooks`, `hook_states` of these examples for the same start and tune)."""
         model_0 = nnx.merge(self.graphdef, *self._states(0))
         models.check_examples(model_0.cfg, examples)
-        data_N = _hook_data(self.graphdef, self._states(0), examples, self.layer, hook_batch_size)
+        if hooks is not None:
+            _check_hooks(hooks, self.tune, examples)
+            data_N = hooks.data
+        else:
+            data_N = _hook_data(self.graphdef, self._states(0), examples, self.layer, hook_batch_size)
         return _eval(self.graphdef, self.trainable_M, self.frozen, data_N, self.layer, batch_size, progress)
 
 
@@ -674,6 +715,7 @@ def finetune_many(
     mesh: Mesh | None = None,
     axis: str = "models",
     hook_batch_size: int = 64,
+    hooks: HookStates | None = None,
 ) -> Tuned:
     """Fine-tune M copies of `start`, model m on rows subset_idx_MxNs[m], data order from seeds_M[m].
 
@@ -682,20 +724,23 @@ def finetune_many(
     a mesh): the frozen ones exist once and are shared. For "top" (and "lora" with `layers`),
     the hook states trunk(x, layer) of the pool are computed once, in batches of
     `hook_batch_size`, and the steps run `rest(h, layer)` only. `on_chunk(steps, trainable_M)`
-    sees the trained parameters. Returns a `Tuned`.
+    sees the trained parameters. `hooks`: `hook_states(start, tune, examples)`, computed once
+    for many calls on the same pool (they must come from this `start`). Returns a `Tuned`.
     """
     models.check_examples(start.cfg, examples)
     idx_MxNs, seeds = _check_subsets(subset_idx_MxNs, seeds_M, len(examples.inputs), cfg.batch_size)
     n_models, subset_size = idx_MxNs.shape
     axis, n_dev = _model_axis(mesh, axis)
     idx_MxNs, seeds_pad = sharding.pad_to_multiple(idx_MxNs, n_dev), sharding.pad_to_multiple(seeds, n_dev)
-    plan = _plan(start, tune, examples.inputs[:1])
+    if hooks is not None:
+        _check_hooks(hooks, tune, examples)
+    else:
+        hooks = hook_states(start, tune, examples, hook_batch_size=hook_batch_size)
+    plan, data_N = hooks.plan, hooks.data
     if plan.sites:
         params_M = _lora_params(plan, seeds_pad)
     else:
         params_M = jax.tree.map(lambda x: jnp.repeat(x[None], len(seeds_pad), axis=0), plan.trainable)
-    states = (plan.trainable,) if plan.frozen is None else (plan.trainable, plan.frozen)
-    data_N = _hook_data(plan.graphdef, states, examples, plan.layer, hook_batch_size)
     total_steps = cfg.num_steps(subset_size)
     order_MxSxB = _orders(idx_MxNs, seeds_pad, total_steps, cfg.batch_size)
     params_M = _run(plan.graphdef, params_M, plan.frozen, data_N, order_MxSxB, seeds, cfg, layer=plan.layer,

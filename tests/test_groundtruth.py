@@ -520,3 +520,25 @@ def test_a_share_is_claimed_by_one_process(tmp_path):
     with pytest.raises(ValueError, match="process_index=2"):
         groundtruth.run_groundtruth(gt, MODEL_CFG, TRAIN_CFG, TRAIN_EX, QUERY_EX, progress=False,
                                     process_index=2, process_count=2)
+
+
+def test_fine_tuning_sweep_runs_the_frozen_trunk_once(tmp_path, monkeypatch):
+    """A top-layers fine-tuning sweep computes the frozen trunk of the pool and of the queries
+    once for all its chunks (not once per chunk), and stores the losses that finetune_many
+    without cached hook states gives (the same program: bitwise)."""
+    top = train.Tune("top", layers=1)
+    cfg = _cfg(n_subsets=2, seeds_per_subset=2, models_per_chunk=2)  # two chunks
+    store = _create_ft(tmp_path / "gt", tune=top, cfg=cfg)
+    calls = []
+    real = train._hook_data
+    monkeypatch.setattr(train, "_hook_data", lambda *a, **kw: (calls.append(len(a[2].inputs)), real(*a, **kw))[1])
+    groundtruth.run_groundtruth(store, MODEL_CFG, TRAIN_CFG, TRAIN_EX, QUERY_EX, start=START, tune=top,
+                                progress=False)
+    assert sorted(calls) == sorted([N_TRAIN, N_QUERY]), calls
+    monkeypatch.undo()
+    tuned = train.finetune_many(START, TRAIN_EX, store.subsets()[:1].repeat(2, 0), store.seeds()[0], TRAIN_CFG, top,
+                                progress=False)
+    np.testing.assert_array_equal(store.losses()[0], tuned.eval_losses(QUERY_EX))
+    with pytest.raises(ValueError, match="hooks were computed for"):
+        train.finetune_many(START, TRAIN_EX, store.subsets()[:1], store.seeds()[0, :1], TRAIN_CFG, top,
+                            hooks=train.hook_states(START, top, QUERY_EX), progress=False)
