@@ -317,6 +317,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except (TypeError, ValueError) as e:
                 errors.append(str(e))
+        real = [e for option, e in zip(args, errors) if option is not type(None)]
+        if len(real) == 1 and isinstance(value, dict):  # an optional section: its own error says more
+            raise ValueError(real[0])
         raise TypeError(f"{where}: {value!r} is none of {_type_name(tp)}")
     if tp is type(None):
         if value is None:

@@ -9,6 +9,7 @@ import yaml
 from test_convert import HP, make_weights, write_gguf
 
 from stride_jax import cli, data, models
+from stride_jax.attribution import Attribution
 from stride_jax import groundtruth as gt_lib
 from stride_jax.harness import load_config, tasks
 from stride_jax.harness.config import ExperimentConfig, SFTTask
@@ -66,9 +67,24 @@ def test_sft_data_split_dedup_and_masks(files):
 def test_sft_run_fine_tunes_the_pretrained_model_as_ground_truth(files, tmp_path):
     gguf, pairs = files
     cfg_path = tmp_path / "sft.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(gguf, pairs)))
+    cfg = _config(gguf, pairs)
+    cfg["qualitative"] = {"methods": ["stride", "bm25"], "n_queries": 3, "k": 2, "note": "tiny GGUF"}
+    cfg_path.write_text(yaml.safe_dump(cfg))
     assert cli.main(["run", str(cfg_path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     report = json.loads((tmp_path / "run" / "sft_tiny.json").read_text())
+    # the qualitative report: per test query, each method's top-2 helpful and harmful pool examples
+    qual = report["qualitative"]
+    assert len(qual) == 3 and all(set(e["methods"]) == {"stride", "bm25"} for e in qual)
+    bm25 = Attribution.load(tmp_path / "run" / "methods" / "bm25" / "scores").dense()
+    train_texts = tasks.load_data(load_config(cfg_path).task)[0].texts
+    for e in qual:
+        col = bm25[:, e["query_index"]]
+        top = e["methods"]["bm25"]["helpful"][0]
+        assert col[top["index"]] == col.max() and top["text"] == train_texts[top["index"]]
+        assert col[e["methods"]["bm25"]["harmful"][0]["index"]] == col.min()
+    md = (tmp_path / "run" / "qualitative.md").read_text()
+    assert md.count("| most helpful |") == 3 and md.count("| 2nd harmful |") == 3 and "tiny GGUF" in md
+    assert "stride (LDS " in md
     rows = {r["method"]: r for r in report["rows"]}
     assert set(rows) == {"stride", "graddot", "bm25", "random"}
     assert all(r["lds"]["mean"] is not None for r in rows.values())
@@ -99,6 +115,8 @@ def test_sft_run_fine_tunes_the_pretrained_model_as_ground_truth(files, tmp_path
     ({"methods": [{"name": "trak4", "method": "trak", "params": {"n_retrain": 4}}]}, "retrains the model"),
     ({"task": {"data": {"min_response_tokens": 40}}}, "min_response_tokens"),
     ({"task": {"tune": {"mode": "sideways"}}}, "Tune.mode"),
+    ({"qualitative": {"methods": ["stride", "logra"]}}, r"does not run: \['logra'\]"),
+    ({"qualitative": {"k": 0}}, "k must be >= 1"),
 ])
 def test_sft_bad_configs_fail_before_any_work(files, change, match):
     gguf, pairs = files

@@ -238,6 +238,26 @@ class Counterfactual:
 
 
 @dataclasses.dataclass(frozen=True)
+class Qualitative:
+    """Side-by-side top training examples (the paper's supplementary examples): for the first
+    `n_queries` test queries of each cell, the `k` most helpful and `k` most harmful pool
+    examples of each of `methods`, with their text and score, in `<results>/<name>.md`."""
+
+    name: str = "qualitative"
+    n_queries: int = 12
+    k: int = 2
+    methods: tuple[str, ...] = ("stride", "logra")
+    max_chars: int = 400  # each example's text is clipped to this many characters
+    note: str = ""  # printed under the title (model provenance, recipe)
+
+    def __post_init__(self) -> None:
+        if self.n_queries < 1 or self.k < 1 or self.max_chars < 20:
+            raise ValueError("qualitative: n_queries and k must be >= 1 and max_chars >= 20")
+        if not self.methods or not self.name or "/" in self.name:
+            raise ValueError("qualitative: methods must be non-empty and name a plain file stem")
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
     task: Any = LMTask()
@@ -253,6 +273,7 @@ class ExperimentConfig:
     show_examples: int = 0  # queries whose top training examples the report prints
     cost_n: CostN | None = None
     counterfactual: Counterfactual | None = None
+    qualitative: Qualitative | None = None
     paper: str = ""  # "pretrain" | "small_models": the paper's table beside ours
 
     @classmethod
@@ -371,6 +392,16 @@ class ExperimentConfig:
             unknown = sorted(set(self.cost_n.methods) - {m.name for m in self.methods})
             if unknown:
                 raise ValueError(f"cost_n.methods names unknown methods {unknown}")
+        if self.qualitative is not None:
+            rows = {m.name for m in self.methods}
+            if self.select is not None:
+                rows |= {f"stride-{g}" if g else "stride" for g in self.select.groups}
+            unknown = sorted(set(self.qualitative.methods) - rows)
+            if unknown:
+                raise ValueError(f"qualitative.methods names methods the experiment does not run: {unknown}; "
+                                 f"its rows: {sorted(rows)}")
+            if self.qualitative.name == self.name:
+                raise ValueError(f"qualitative.name must differ from the experiment's name {self.name!r}")
         if self.n_boot < 1:
             raise ValueError(f"n_boot must be >= 1, got {self.n_boot}")
 

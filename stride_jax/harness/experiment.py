@@ -100,17 +100,33 @@ def _variants(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, run_dir: 
     return rows, selection, chosen
 
 
+def _extremes(p: tasks_lib.Prepared, col: np.ndarray, k: int) -> dict[str, list[dict[str, Any]]]:
+    """The k highest (most helpful) and k lowest (most harmful) scored pool examples."""
+    texts = p.train.texts
+    entry = lambda i: {"index": int(i), "score": float(col[i]), "text": texts[i] if texts else None}
+    return {"helpful": [entry(i) for i in np.argsort(-col, kind="stable")[:k]],
+            "harmful": [entry(i) for i in np.argsort(col, kind="stable")[:k]]}
+
+
+def _query_text(p: tasks_lib.Prepared, q: int) -> str | None:
+    return p.queries.texts[q] if p.queries.texts else None
+
+
 def _examples(p: tasks_lib.Prepared, cell: str, name: str, scores: np.ndarray, n: int, k: int = 3):
-    out = []
-    texts_train, texts_q = p.train.texts, p.queries.texts
-    for q in p.test_cols[:n]:
-        col = scores[:, q]
-        top, bottom = np.argsort(-col, kind="stable")[:k], np.argsort(col, kind="stable")[:k]
-        text = lambda i: texts_train[i] if texts_train else None
-        out.append({"cell": cell, "method": name, "query": texts_q[q] if texts_q else None,
-                    "helpful": [{"score": float(col[i]), "text": text(i)} for i in top],
-                    "harmful": [{"score": float(col[i]), "text": text(i)} for i in bottom]})
-    return out
+    return [{"cell": cell, "method": name, "query": _query_text(p, q), **_extremes(p, scores[:, q], k)}
+            for q in p.test_cols[:n]]
+
+
+def _qualitative(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str,
+                 scored: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Per test query, each configured method's most helpful and most harmful pool examples."""
+    c = cfg.qualitative
+    missing = [m for m in c.methods if m not in scored]
+    if missing:
+        log.warning("[%s] qualitative: no scores of %s (skipped or failed)", cell or cfg.name, missing)
+    return [{"cell": cell, "query_index": int(q), "query": _query_text(p, q),
+             "methods": {m: _extremes(p, scored[m][:, q], c.k) for m in c.methods if m in scored}}
+            for q in p.test_cols[: c.n_queries]]
 
 
 def _counterfactual(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, scored: dict[str, np.ndarray],
@@ -188,7 +204,7 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
     t_start = time.perf_counter()
     with store.Lock(out):
         report: dict[str, Any] = {"rows": [], "variants": [], "selection": [], "cells": [], "counterfactual": [],
-                                  "examples": [], "config": cfg.to_dict()}
+                                  "examples": [], "qualitative": [], "config": cfg.to_dict()}
         prepared = {}
         for cell in cfg.cell_names():  # ground truth of every cell first: the long, resumable part
             log.info("[%s] data, base model and ground truth", cell or cfg.name)
@@ -228,6 +244,8 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
                 if not isinstance(task, ClassifierTask):
                     raise ValueError("counterfactual removal is implemented for classifier tasks")
                 report["counterfactual"].append(_counterfactual(p, cfg, cell, scored, run_dir, results_dir))
+            if cfg.qualitative is not None:
+                report["qualitative"] += _qualitative(p, cfg, cell, scored)
             if cfg.show_examples and scored:
                 name = "stride" if "stride" in scored else next(iter(scored))
                 report["examples"] += _examples(p, cell, name, scored[name], cfg.show_examples)

@@ -210,6 +210,44 @@ def markdown(report: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def qualitative_markdown(report: dict[str, Any], command: str) -> str:
+    """The side-by-side top examples of `report["qualitative"]`: one table per query, a column per method."""
+    q = report["config"]["qualitative"]
+    lds = {(r["method"], r["cell"]): r["lds"] for r in report["rows"]}
+    lines = [f"# {q['name']}: top training examples of {', '.join(q['methods'])} ({report['config']['name']})", "",
+             f"Command: `{command}`. Machine: {report['machine']}; {report['date']}.", ""]
+    if q.get("note"):
+        lines += [q["note"], ""]
+    lines += ["Sign: a positive score means including the example lowers the query's loss (helpful), a negative "
+              "one that it raises it (harmful). Texts clipped to "
+              f"{q['max_chars']} characters; `|` shown as `/`.", ""]
+    for i, e in enumerate(report["qualitative"], 1):
+        methods = list(e["methods"])
+        lines += [f"## {i}. {_label(e['cell'])}query {e['query_index']}", "", f"> {_clip(e['query'], q['max_chars'])}",
+                  "", "| | " + " | ".join(f"{m} (LDS {fmt_lds(lds.get((m, e['cell'])))})" if (m, e["cell"]) in lds
+                                            else m for m in methods) + " |",
+                  "|---|" + "---|" * len(methods)]
+        for kind, label in (("helpful", "most helpful"), ("harmful", "most harmful")):
+            for rank in range(q["k"]):
+                cells = []
+                for m in methods:
+                    ex = e["methods"][m][kind]
+                    cells.append("-" if rank >= len(ex) else
+                                 f"**{ex[rank]['score']:+.3g}** (#{ex[rank]['index']}) {_clip(ex[rank]['text'], q['max_chars'])}")
+                name = label if rank == 0 else f"{_ordinal(rank + 1)} {label.split()[1]}"
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _label(cell: str) -> str:
+    return f"{cell}, " if cell else ""
+
+
+def _ordinal(n: int) -> str:
+    return {2: "2nd", 3: "3rd"}.get(n, f"{n}th")
+
+
 def _clip(text: str | None, n: int = 160) -> str:
     if text is None:
         return "<no text>"
@@ -276,7 +314,7 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-CELL_KEYED = ("cells", "rows", "variants", "selection", "counterfactual", "examples", "cost_n")
+CELL_KEYED = ("cells", "rows", "variants", "selection", "counterfactual", "examples", "cost_n", "qualitative")
 
 
 def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -330,5 +368,8 @@ def write(report: dict[str, Any], results_dir: Path, command: str) -> list[Path]
               "command": command}
     paths = [store.write_json(results_dir / f"{name}.json", report),
              store.atomic_write(results_dir / f"{name}.md", markdown(report, command))]
+    if report.get("qualitative"):
+        q = report["config"]["qualitative"]["name"]
+        paths.append(store.atomic_write(results_dir / f"{q}.md", qualitative_markdown(report, command)))
     png = plot(report, results_dir / f"{name}.png")
     return paths + ([png] if png else [])
