@@ -824,6 +824,48 @@ def _eval(graphdef, state_M, frozen, data_N, layer: int, batch_size: int, progre
     return losses_MxN.astype(np.float32)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _hits(state, batch, *, graphdef):
+    x, y, mask, weights = batch
+    logits = nnx.merge(graphdef, state)(x, mask)
+    counted = (weights > 0) if weights is not None else jnp.ones(y.shape, bool)
+    hit = (jnp.argmax(logits, axis=-1) == y) & counted
+    return hit.sum(axis=-1), counted.sum(axis=-1)
+
+
+def greedy_match(model: nnx.Module, examples, *, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(exact [N] bool, token accuracy [N]) of `model` on the counted targets of each sequence
+    example (its loss mask: the response tokens of an instruction pair).
+
+    Teacher-forced, one forward pass per batch: a position counts as a hit when the argmax of its
+    logits is the target token. Under causal attention the prediction at a position depends only
+    on the tokens before it, so `exact` (every counted target a hit) is True exactly when greedy
+    decoding from the unmasked prefix reproduces the target tokens, without a decoding loop.
+    Memory: batch_size x T x V logits at once.
+    """
+    if len(examples.inputs) == 0:
+        raise ValueError("examples is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    models.check_examples(model.cfg, examples)
+    if not models.is_sequence_model(model):
+        raise ValueError("greedy_match needs a sequence model (token inputs and next-token targets)")
+    graphdef, state = nnx.split(model)
+    data_N = device_batch(examples)
+    n = len(examples.inputs)
+    size = min(batch_size, n)
+    hits, counts = [], []
+    for lo in range(0, n, size):
+        idx = jnp.asarray(np.minimum(np.arange(lo, lo + size), n - 1))  # last batch padded: one compile
+        h, c = _hits(state, take(data_N, idx), graphdef=graphdef)
+        hits.append(np.asarray(h)[: min(size, n - lo)])
+        counts.append(np.asarray(c)[: min(size, n - lo)])
+    hit_N, count_N = np.concatenate(hits), np.concatenate(counts)
+    if np.any(count_N == 0):
+        raise ValueError(f"{int((count_N == 0).sum())} examples have no counted target token")
+    return hit_N == count_N, (hit_N / count_N).astype(np.float32)
+
+
 def eval_loss(model: nnx.Module, examples, *, batch_size: int = 256) -> np.ndarray:
     """Per-example loss [N] of a single model."""
     graphdef, state = nnx.split(model)

@@ -369,3 +369,35 @@ def test_top_hook_states_equal_running_the_frozen_trunk():
     gap = _relative_gap([np.asarray(x[0]) for x in a], [np.asarray(x[0]) for x in b],
                         [np.asarray(x) for x in jax.tree.leaves(plan.trainable)])
     assert max(gap) < 1e-3, gap
+
+
+def test_greedy_match_is_greedy_decoding_without_a_loop():
+    """`exact` is True exactly for the responses that greedy decoding from the prompt produces
+    (checked against an explicit decoding loop); token accuracy counts teacher-forced hits."""
+    model = models.build(models.GPTConfig(vocab_size=V, seq_len=12, n_layers=2, d_model=32, n_heads=2), 3)
+    rng = np.random.default_rng(0)
+    prompt_len, resp_len = 7, 4
+
+    def greedy(prefix):
+        seq = list(prefix)
+        for _ in range(resp_len):
+            logits = np.asarray(model(jnp.asarray([seq + [0] * (12 - len(seq))], jnp.int32)))
+            seq.append(int(logits[0, len(seq) - 1].argmax()))
+        return seq
+
+    seqs = []
+    for i in range(4):
+        seq = greedy(rng.integers(0, V, prompt_len).tolist())
+        if i == 1:
+            seq[-1] = (seq[-1] + 1) % V  # the last response token wrong
+        if i == 2:  # the first response token wrong, the rest greedy after it
+            seq = greedy(seq[:prompt_len] + [(seq[prompt_len] + 1) % V])[: prompt_len + 1] + \
+                greedy(seq[:prompt_len] + [(seq[prompt_len] + 1) % V])[prompt_len + 1: prompt_len + resp_len]
+        seqs.append(seq)
+    arr = np.asarray(seqs, np.int32)
+    loss_mask = np.zeros((4, 10), np.float32)
+    loss_mask[:, prompt_len - 1:] = 1.0  # targets at positions prompt_len-1 .. are the response
+    ex = Examples(inputs=arr[:, :-1], targets=arr[:, 1:], ids=np.arange(4), loss_mask=loss_mask)
+    exact, acc = train.greedy_match(model, ex, batch_size=3)
+    assert exact.tolist() == [True, False, False, True]
+    np.testing.assert_allclose(acc, [1.0, 0.75, 0.75, 1.0])
