@@ -351,3 +351,34 @@ def test_constructor_validation():
         LoGra(curvature="kfac")
     with pytest.raises(ValueError, match="n_checkpoints"):
         train.pretrain_with_checkpoints(MLP_CFG, _clf_examples(8, 0), train.TrainConfig(batch_size=4), 0, 0)
+
+
+def test_gradient_methods_on_a_subset_of_parameters(setup):
+    """`params` (glob patterns of parameter paths) restricts GradDot, TracIn and TRAK to those
+    parameters' gradients (the reference: the same rows of the full per-example gradient), and
+    LoGra / EK-FAC `layers` take the same patterns; a pattern that matches nothing is an error."""
+    model, tr, q, ref = setup
+    paths = grad_lib.param_paths(model)
+    sub = [p for p in paths if p.startswith(paths[-1].split("/")[0])]  # the last top-level module
+    pattern = [paths[-1].split("/")[0] + "/*"]
+    assert grad_lib.select_params(model, pattern) == set(sub) and len(sub) < len(paths)
+    cols = np.concatenate([np.full(ref["train"][1][p][0].size, p in sub) for p in paths])  # flat order = paths
+    want = ref["train"][0][:, cols] @ ref["query"][0][:, cols].T
+    got = GradDot(chunk_size=CHUNK, params=pattern).fit(model, tr).attribute(q).scores
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    full = GradDot(chunk_size=CHUNK).fit(model, tr).attribute(q).scores
+    assert not np.allclose(got, full, rtol=1e-3)
+    tracin = TracIn([(model, 1.0)], CHUNK, max_cache_bytes=0, params=pattern).fit(model, tr).attribute(q)
+    np.testing.assert_allclose(tracin.scores, got, rtol=1e-5, atol=1e-7 * np.abs(got).max())
+    phi, _ = trak_lib.trak_features(model, tr, None, chunk_size=CHUNK, params=pattern)
+    assert phi.shape == (N_TRAIN, int(cols.sum()))
+    with pytest.raises(ValueError, match="matches no parameter"):
+        GradDot(params=["nope/*"]).fit(model, tr)
+    with pytest.raises(ValueError, match="glob patterns"):
+        grad_lib.select_params(model, "blocks/*")
+    names = logra_lib.layer_paths(model)
+    glob = [names[-1].rsplit("/", 1)[0] + "/*"] if "/" in names[-1] else [names[-1]]
+    _, chosen = logra_lib.tap_linears(model, glob)
+    assert chosen == [n for n in names if n.startswith(glob[0].rstrip("*"))] and chosen
+    with pytest.raises(ValueError, match="unknown linear layers"):
+        logra_lib.tap_linears(model, ["nope/*"])

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import threading
 import time
 from collections.abc import Sequence
@@ -94,16 +95,22 @@ def layer_paths(model: nnx.Module) -> list[str]:
 
 
 def tap_linears(model: nnx.Module, layers: Sequence[str] | None = None) -> tuple[nnx.Module, list[str]]:
-    """A copy of `model` whose selected nnx.Linear layers report to a tape (tap i = names[i]).
+    """A copy of `model` whose selected nnx.Linear layers (`layers`: '/'-joined paths or glob
+    patterns of them, in the order given; default all, in graph order) report to a tape (tap i = names[i]).
 
     Outside a tape the copy computes exactly what `model` does.
     """
     tapped = nnx.merge(*nnx.split(model))
     available = layer_paths(tapped)
-    names = available if layers is None else list(layers)
-    unknown = sorted(set(names) - set(available))
-    if unknown:
-        raise ValueError(f"unknown linear layers {unknown}; available: {available}")
+    if layers is None:
+        names = available
+    else:  # exact paths or glob patterns ("blocks/2[6-9]/*"), each of which must match a layer
+        if isinstance(layers, str):
+            raise ValueError(f"layers must be a list of paths or glob patterns, got the string {layers!r}")
+        unknown = [pat for pat in layers if not any(fnmatch.fnmatchcase(a, pat) for a in available)]
+        if unknown:
+            raise ValueError(f"unknown linear layers {unknown}; available: {available}")
+        names = list(dict.fromkeys(a for pat in layers for a in available if fnmatch.fnmatchcase(a, pat)))
     if not names:
         raise ValueError("LoGra needs at least one linear layer")
     for path, node in nnx.iter_graph(tapped):

@@ -40,7 +40,7 @@ from jax.flatten_util import ravel_pytree
 
 from stride_jax.attribution import Attribution
 from stride_jax.baselines.base import batches, check_queries, check_train, make_attribution, one_loss
-from stride_jax.baselines.gradients import dot_t, split_params
+from stride_jax.baselines.gradients import dot_t, num_params, split_params
 from stride_jax.data import Examples
 
 __all__ = ["TRAK", "Projector", "trak_features", "features_with", "rademacher_block", "BLOCK_ROWS"]
@@ -128,9 +128,10 @@ class Projector:
 
 
 def features_with(model: nnx.Module, examples: Examples, projector: Projector,
-                  chunk_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """(phi [N, k] float32, Q [N]) of `examples` under `model` with a given projector."""
-    graphdef, params, rest = split_params(model)
+                  chunk_size: int = 32, params: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(phi [N, k] float32, Q [N]) of `examples` under `model` with a given projector (gradients
+    w.r.t. the parameters matching the glob patterns `params`, default all)."""
+    graphdef, params, rest = split_params(model, params)
     phis, qs = [], []
     for start, stop, batch in batches(examples, chunk_size):
         phi, q = _features(params, rest, batch, projector.key, projector.dense_PxK, graphdef=graphdef,
@@ -148,11 +149,11 @@ def trak_features(
     *,
     chunk_size: int = 32,
     max_projection_bytes: int = 1 << 29,
+    params: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(phi [N, k] float32, Q [N]) of `examples` under `model` (k = P when proj_dim is None)."""
-    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    projector = Projector(n_params, proj_dim, seed, max_projection_bytes)
-    return features_with(model, examples, projector, chunk_size)
+    projector = Projector(num_params(model, params), proj_dim, seed, max_projection_bytes)
+    return features_with(model, examples, projector, chunk_size, params)
 
 
 def _train_ensemble(model: nnx.Module, train: Examples, n: int, train_config, seed: int) -> list:
@@ -178,6 +179,7 @@ class TRAK:
       chunk_size: examples per vmapped gradient call (memory ~ chunk_size x P floats; a
         streamed projection is regenerated once per chunk, so larger chunks are faster).
       max_projection_bytes: build R densely when it fits in this many bytes.
+      params: glob patterns of the parameter paths to differentiate (as GradDot's); default all.
 
     Defaults chosen on the demo's validation queries (GPT 2 x 64, 768 examples, one model):
     LDS 0.27 / 0.28 / 0.32 / 0.38 / 0.37 for damping 1e-3 / 1e-2 / 0.1 / 1 / 10 at k = 2048,
@@ -199,6 +201,7 @@ class TRAK:
         include_base: bool = True,
         chunk_size: int = 128,
         max_projection_bytes: int = 1 << 29,
+        params: Sequence[str] | None = None,
     ):
         if proj_dim is not None and proj_dim < 1:
             raise ValueError(f"proj_dim must be a positive int or None, got {proj_dim}")
@@ -215,6 +218,7 @@ class TRAK:
         self.n_retrain, self.train_config, self.retrain_seed = n_retrain, train_config, retrain_seed
         self.include_base = include_base
         self.chunk_size, self.max_projection_bytes = chunk_size, max_projection_bytes
+        self.params = None if params is None else list(params)
         self.models: list[nnx.Module] = []
         self._kernels_NxK: list[jax.Array] = []  # Phi_m (Phi_m^T Phi_m + lambda I)^-1
         self._projectors: list[Projector] = []
@@ -223,7 +227,7 @@ class TRAK:
         self.timings: dict[str, float] = {}
 
     def _features(self, m: int, examples: Examples) -> tuple[np.ndarray, np.ndarray]:
-        return features_with(self.models[m], examples, self._projectors[m], self.chunk_size)
+        return features_with(self.models[m], examples, self._projectors[m], self.chunk_size, self.params)
 
     def fit(self, model: nnx.Module, train: Examples) -> "TRAK":
         check_train(train)
@@ -235,7 +239,7 @@ class TRAK:
         if len(cfgs) != 1:
             raise ValueError("all TRAK ensemble models must share one architecture (config)")
         t0 = time.perf_counter()
-        n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        n_params = num_params(model, self.params)
         # model m projects with its own seed (TRAK draws one projection per model)
         self._projectors = [Projector(n_params, self.proj_dim, self.seed * 7919 + m, self.max_projection_bytes)
                             for m in range(len(self.models))]
