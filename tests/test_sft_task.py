@@ -186,3 +186,62 @@ def test_evals_records_and_a_mix_of_tasks(files, tmp_path, monkeypatch):
     cfg["task"]["data"]["evals_tasks"] = []
     with pytest.raises(ValueError, match="evals_tasks"):
         ExperimentConfig.from_dict(cfg)
+
+
+def _gsm_fixture(root):
+    """A stand-in for the gsm asset: short problems in the GSM-Symbolic layout."""
+    folder = root / "eng" / "symbolic"
+    folder.mkdir(parents=True)
+    for i in range(8):
+        q = f"say {WORDS[i]} then {WORDS[(i + 3) % 8]} {i}"
+        a = f"{WORDS[(i + 5) % 8]} at {i} {WORDS[i]}\\n#### {i + 1}"
+        (folder / f"{i:04d}.toml").write_text(f'question = "{q}"\n\nanswer = """\n{a}\n"""\n')
+    return root
+
+
+def test_contamination_run_finds_exact_replicas(files, tmp_path, monkeypatch):
+    """An sft task with leaked problems: the pool holds their replicas, the attributed model is the
+    loaded one fine-tuned on that pool (cached), no LDS ground truth is run, and the report gives
+    memorisation and each method's recall of the replicas (BM25 finds exact copies)."""
+    from stride_jax import downloads
+    from stride_jax.harness import report as report_lib
+
+    gsm = _gsm_fixture(tmp_path / "gsm")
+    real_fetch = downloads.fetch
+    monkeypatch.setattr(downloads, "fetch", lambda name, *a, **kw: gsm if name == "gsm" else real_fetch(name, *a, **kw))
+    gguf, pairs = files
+    cfg = _config(gguf, pairs)
+    cfg.pop("variants"), cfg.pop("select")
+    cfg["name"] = "contamination_tiny"
+    cfg["task"].update(groundtruth=None, base="finetuned")
+    cfg["task"]["data"].update(seq_len=64, inject={"leaked": 3, "clean": 2, "copies": 2})
+    cfg["methods"] = ["bm25", "graddot", "random"]
+    cfg["contamination"] = {"buckets": [0.1, 0.25], "fuse": ["bm25", "graddot"]}
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["run", str(cfg_path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "run" / "contamination_tiny.json").read_text())
+    task = load_config(cfg_path).task
+    train, val, test = tasks.load_data(task)
+    replica_of = tasks.replica_problem(train.ids)
+    assert len(train) == 28 + 6 and (replica_of >= 0).sum() == 6 and len(set(replica_of[replica_of >= 0])) == 3
+    assert set(tasks.replica_problem(test.ids)) == set(replica_of[replica_of >= 0])
+    assert not set(tasks.replica_problem(val.ids)) & set(replica_of)  # clean problems never in the pool
+    for i in np.flatnonzero(replica_of >= 0):  # an exact replica is the leaked problem's pair, verbatim
+        j = int(np.flatnonzero(tasks.replica_problem(test.ids) == replica_of[i])[0])
+        assert train.texts[i] == test.texts[j]
+    assert all(r["lds"] is None for r in report["rows"]) and not (tmp_path / "run" / "groundtruth").exists()
+    model, _ = tasks.pretrained(str(gguf))
+    tuned = models.load_model(tmp_path / "run" / "base_model")[0]
+    assert models.param_digest(tuned) != models.param_digest(model)  # the attributed model was fine-tuned
+    (ct,) = report["contamination"]
+    assert ct["replicas"] == 6 and ct["leak_rate"] == pytest.approx(6 / 34)
+    memo = ct["memorisation"]
+    assert memo["attributed model"]["leaked"]["loss"] < memo["loaded model"]["leaked"]["loss"]
+    rec = {(r["method"], r["bucket_fraction"]): r for r in ct["recall"]}
+    assert rec[("bm25", 0.25)]["recall"] == 1.0 and rec[("bm25", 0.25)]["p_value"] < 1e-3
+    assert {("bm25 + graddot (rank-mean)", 0.1), ("bm25 + graddot (min-rank)", 0.25)} <= set(rec)
+    assert rec[("random", 0.1)]["chance"] == pytest.approx(3 / 34)
+    md = (tmp_path / "run" / "contamination_tiny.md").read_text()
+    assert "## Contamination" in md and "none (no LDS)" in md
+    assert report_lib.markdown(report, "cmd")  # renders without ground truth

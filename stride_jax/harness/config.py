@@ -101,6 +101,33 @@ class ClassifierTask:
 
 
 @dataclasses.dataclass(frozen=True)
+class Inject:
+    """Benchmark problems leaked into an sft pool (contamination experiments).
+
+    `leaked` problems of `source` ("gsm": the GSM8K test problems of the `gsm` asset) each get
+    `copies` replicas in the pool, shuffled among its records: exact copies of (question, worked
+    answer), or with `kind` "near" name- and object-changed instances of the problem's template
+    (`contamination.near_replica`; problems without such a variable are not drawn). The leaked
+    problems, as they appear in the benchmark, are the test queries; `clean` problems that are
+    never in the pool are the validation queries (the memorisation control). Problems whose
+    templated question + answer exceed seq_len are not drawn (an answer is never cut).
+    """
+
+    source: str = "gsm"
+    leaked: int = 8
+    clean: int = 8
+    copies: int = 2
+    kind: Literal["exact", "near"] = "exact"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source != "gsm":
+            raise ValueError(f"task.data.inject.source must be 'gsm', got {self.source!r}")
+        if min(self.leaked, self.clean, self.copies) < 1 or self.copies >= 1000:
+            raise ValueError("task.data.inject: leaked, clean and copies must be >= 1 (copies < 1000)")
+
+
+@dataclasses.dataclass(frozen=True)
 class SFTData:
     """Instruction (prompt, response) records; only response tokens count in every loss.
 
@@ -122,6 +149,7 @@ class SFTData:
     min_response_tokens: int = 8
     chat_template: bool = True
     seed: int = 0
+    inject: Inject | None = None  # leaked benchmark problems: they replace val / test queries
 
     def __post_init__(self) -> None:
         if min(self.n_train, self.val_queries, self.test_queries) < 1:
@@ -149,7 +177,11 @@ class SFTModel:
 class SFTTask:
     """Instruction tuning of a pretrained LM: the loaded model is the base model (nothing is
     trained for it); ground truth fine-tunes it on alpha-subsets (`finetune` recipe, `tune`
-    picks full / top-layers / LoRA) and records the queries' response losses."""
+    picks full / top-layers / LoRA) and records the queries' response losses.
+
+    `base: finetuned` attributes the model fine-tuned on the whole pool (same recipe) instead
+    of the loaded one (a contaminated model: it has seen the leaked replicas); `groundtruth:
+    null` runs no LDS ground truth (the methods' scores are still computed and reported)."""
 
     kind: Literal["sft"] = "sft"
     data: SFTData = SFTData()
@@ -157,9 +189,14 @@ class SFTTask:
     finetune: train_lib.TrainConfig = train_lib.TrainConfig(learning_rate=1e-4, epochs=1.0, batch_size=8,
                                                             warmup_frac=0.1, scan_steps=8)
     tune: train_lib.Tune = train_lib.Tune("top", layers=4)
-    groundtruth: gt_lib.GroundTruthConfig = gt_lib.GroundTruthConfig(n_subsets=64, seeds_per_subset=2,
-                                                                     models_per_chunk=2)
+    groundtruth: gt_lib.GroundTruthConfig | None = gt_lib.GroundTruthConfig(n_subsets=64, seeds_per_subset=2,
+                                                                            models_per_chunk=2)
     alphas: tuple[float, ...] = ()
+    base: Literal["pretrained", "finetuned"] = "pretrained"
+
+    def __post_init__(self) -> None:
+        if self.groundtruth is None and self.alphas:
+            raise ValueError("task.alphas needs a ground truth (task.groundtruth is null)")
 
 
 TASKS = {"lm": LMTask, "classifier": ClassifierTask, "sft": SFTTask}
@@ -238,6 +275,31 @@ class Counterfactual:
 
 
 @dataclasses.dataclass(frozen=True)
+class Contamination:
+    """Recall of the leaked replicas (task.data.inject) in each method's top `buckets` of the
+    pool (fractions of the pool size), for every method and for each `fusions` of the two
+    methods `fuse` (`contamination.fuse`), and the memorisation of the leaked problems by the
+    attributed model (greedy exact match and response loss, leaked vs clean problems, before
+    and after fine-tuning)."""
+
+    buckets: tuple[float, ...] = (0.01, 0.02, 0.05)
+    fuse: tuple[str, ...] = ("stride", "logra")
+    fusions: tuple[str, ...] = ("rank-mean", "min-rank")
+    n_boot: int = 1000
+
+    def __post_init__(self) -> None:
+        from stride_jax.harness.contamination import FUSIONS
+
+        if not self.buckets or any(not 0 < b < 1 for b in self.buckets):
+            raise ValueError(f"contamination.buckets must be fractions in (0, 1), got {self.buckets}")
+        if self.fusions and len(self.fuse) != 2:
+            raise ValueError(f"contamination.fuse names the two methods to fuse, got {self.fuse}")
+        bad = sorted(set(self.fusions) - set(FUSIONS))
+        if bad:
+            raise ValueError(f"contamination.fusions: unknown {bad}; known: {list(FUSIONS)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Qualitative:
     """Side-by-side top training examples (the paper's supplementary examples): for the first
     `n_queries` test queries of each cell, the `k` most helpful and `k` most harmful pool
@@ -274,6 +336,7 @@ class ExperimentConfig:
     cost_n: CostN | None = None
     counterfactual: Counterfactual | None = None
     qualitative: Qualitative | None = None
+    contamination: Contamination | None = None
     paper: str = ""  # "pretrain" | "small_models": the paper's table beside ours
 
     @classmethod
@@ -392,6 +455,17 @@ class ExperimentConfig:
             unknown = sorted(set(self.cost_n.methods) - {m.name for m in self.methods})
             if unknown:
                 raise ValueError(f"cost_n.methods names unknown methods {unknown}")
+        tasks = [self.task_for(c) for c in self.cell_names()]
+        no_gt = [t for t in tasks if getattr(t, "groundtruth", True) is None]
+        if no_gt and self.select is not None:
+            raise ValueError("select chooses STRIDE by validation LDS: it needs a ground truth (task.groundtruth)")
+        if self.contamination is not None:
+            if any(not isinstance(t, SFTTask) or t.data.inject is None for t in tasks):
+                raise ValueError("contamination needs an sft task with task.data.inject (the leaked problems)")
+            names_ = {m.name for m in self.methods}
+            missing = sorted(set(self.contamination.fuse) - names_) if self.contamination.fusions else []
+            if missing:
+                raise ValueError(f"contamination.fuse names methods the experiment does not run: {missing}")
         if self.qualitative is not None:
             rows = {m.name for m in self.methods}
             if self.select is not None:

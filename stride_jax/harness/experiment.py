@@ -36,11 +36,14 @@ def _cell_dir(out: Path, cell: str) -> Path:
 
 def _lds_rows(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, name: str, scores: np.ndarray,
               record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per alpha (LDS on the reported and the validation queries, cost); a task without
+    ground truth gets one row with alpha and LDS None (its cost)."""
     rows = []
-    for alpha in tasks_lib.alphas(p.task):
-        rows.append({"cell": cell, "method": name, "alpha": float(alpha),
-                     "lds": p.lds(scores, cfg.split, alpha, cfg.n_boot),
-                     "lds_validation": p.lds(scores, "val", alpha, min(cfg.n_boot, 200)),
+    for alpha in tasks_lib.alphas(p.task) or [None]:
+        has_gt = alpha is not None
+        rows.append({"cell": cell, "method": name, "alpha": float(alpha) if has_gt else None,
+                     "lds": p.lds(scores, cfg.split, alpha, cfg.n_boot) if has_gt else None,
+                     "lds_validation": p.lds(scores, "val", alpha, min(cfg.n_boot, 200)) if has_gt else None,
                      "seconds": record.get("seconds", {}),
                      **{k: record[k] for k in ("peak_memory_bytes", "load_memory_bytes", "memory_kind",
                                                "not_converged") if k in record}})
@@ -129,6 +132,43 @@ def _qualitative(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str,
             for q in p.test_cols[: c.n_queries]]
 
 
+def _contamination(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str,
+                   scored: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Memorisation of the leaked problems and recall of their replicas per method and fusion."""
+    from stride_jax import train as train_lib
+    from stride_jax.harness import contamination as cont
+
+    c, task = cfg.contamination, p.task
+    replica_of = tasks_lib.replica_problem(p.train.ids)
+    leaked = tasks_lib.replica_problem(p.queries.ids[p.test_cols])
+    start = tasks_lib.pretrained(task.model.path, task.model.dtype)[0]
+    memo = {}
+    for name, model in (("loaded model", start), ("attributed model", p.model)):
+        row = {}
+        for split, cols in (("leaked", p.test_cols), ("clean", p.val_cols)):
+            q = p.queries[cols]
+            exact, acc = train_lib.greedy_match(model, q)
+            row[split] = {"exact_match": float(exact.mean()), "token_accuracy": float(acc.mean()),
+                          "loss": float(train_lib.eval_loss(model, q).mean()), "n": int(len(cols))}
+        memo[name] = row
+    n = len(p.train)
+    methods = {m: scored[m][:, p.test_cols] for m in scored}
+    if c.fusions and all(m in scored for m in c.fuse):
+        a, b = c.fuse
+        for how in c.fusions:
+            methods[f"{a} + {b} ({how})"] = cont.fuse(methods[a], methods[b], how)
+    recall = []
+    for frac in c.buckets:
+        bucket = max(1, int(round(frac * n)))
+        for m, s in methods.items():
+            recall.append({"method": m, "bucket_fraction": frac,
+                           **cont.recall(s, replica_of, leaked, bucket, n_boot=c.n_boot)})
+    inj = task.data.inject
+    return {"cell": cell, "kind": inj.kind, "copies": inj.copies, "leaked_problems": inj.leaked,
+            "replicas": int((replica_of >= 0).sum()), "pool": n, "leak_rate": float((replica_of >= 0).mean()),
+            "memorisation": memo, "recall": recall}
+
+
 def _counterfactual(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, scored: dict[str, np.ndarray],
                     run_dir: Path, results_dir: Path) -> dict[str, Any]:
     c = cfg.counterfactual
@@ -204,7 +244,8 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
     t_start = time.perf_counter()
     with store.Lock(out):
         report: dict[str, Any] = {"rows": [], "variants": [], "selection": [], "cells": [], "counterfactual": [],
-                                  "examples": [], "qualitative": [], "config": cfg.to_dict()}
+                                  "examples": [], "qualitative": [], "contamination": [],
+                                  "config": cfg.to_dict()}
         prepared = {}
         for cell in cfg.cell_names():  # ground truth of every cell first: the long, resumable part
             log.info("[%s] data, base model and ground truth", cell or cfg.name)
@@ -240,6 +281,8 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
                 report["rows"] += rows
                 log.info("[%s] %-14s LDS %s  %.1f s", cell or cfg.name, spec.name, report_lib.fmt_lds(rows[0]["lds"]),
                          rec["seconds"].get("total", 0.0))
+            if cfg.contamination is not None:
+                report["contamination"].append(_contamination(p, cfg, cell, scored))
             if cfg.counterfactual is not None:
                 if not isinstance(task, ClassifierTask):
                     raise ValueError("counterfactual removal is implemented for classifier tasks")

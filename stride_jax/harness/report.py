@@ -96,6 +96,9 @@ def markdown(report: dict[str, Any], command: str) -> str:
     lines += ["| cell | params | n train | ground truth | base test loss | noise ceiling (1 seed) | ceiling for the "
               "seed average |", "|---|---|---|---|---|---|---|"]
     for c in report["cells"]:
+        if not c["noise_ceiling"]:
+            lines.append(f"| {_cell_label(c['cell'])} | {c['params']:,} | {c['n_train']} | none (no LDS) | "
+                         f"{c['base_test_loss']:.3f} | - | - |")
         for alpha, ceil in c["noise_ceiling"].items():
             gt = c["groundtruth"][alpha]
             lines.append(f"| {_cell_label(c['cell'])} | {c['params']:,} | {c['n_train']} | {gt['n_subsets']} x "
@@ -106,14 +109,16 @@ def markdown(report: dict[str, Any], command: str) -> str:
     methods = list(dict.fromkeys(r["method"] for r in report["rows"]))
     cols = [(c, a) for c in cells for a in alphas]
     head = " | ".join(f"{_cell_label(c)}" + (f" a={a}" if len(alphas) > 1 else "") for c, a in cols)
-    lines += ["", f"## LDS ({split} queries)", "", f"| method | {head} |", "|---|" + "---|" * len(cols)]
+    has_lds = any(r.get("lds") for r in report["rows"])
+    if has_lds:
+        lines += ["", f"## LDS ({split} queries)", "", f"| method | {head} |", "|---|" + "---|" * len(cols)]
 
     def order(m: str) -> float:
-        vals = [by[(m, c, a)]["lds"]["mean"] for c, a in cols if (m, c, a) in by]
+        vals = [(by[(m, c, a)]["lds"] or {}).get("mean") for c, a in cols if (m, c, a) in by]
         vals = [v for v in vals if v is not None and np.isfinite(v)]
         return -float(np.mean(vals)) if vals else 0.0
 
-    for m in sorted(methods, key=order):
+    for m in sorted(methods, key=order) if has_lds else []:
         lines.append(f"| {m} | " + " | ".join(fmt_lds(by[(m, c, a)]["lds"]) if (m, c, a) in by else "-"
                                              for c, a in cols) + " |")
     lines += ["", "## Cost (seconds per stage; peak memory)", "",
@@ -196,6 +201,8 @@ def markdown(report: dict[str, Any], command: str) -> str:
                   "| method | " + " | ".join(f"k={k}" for k in cf["ks"]) + " |", "|---|" + "---|" * len(cf["ks"])]
         for m, s in cf["summary"].items():
             lines.append(f"| {m} | " + " | ".join(f"{x:.3f}" for x in s["mean_drop"]) + " |")
+    for ct in report.get("contamination", []):
+        lines += _contamination_markdown(ct)
     paper = PAPER.get(cfg.get("paper") or "")
     if paper:
         lines += ["", f"## The paper's table: {paper['title']}", "", "| | " + " | ".join(paper["columns"]) + " |",
@@ -208,6 +215,36 @@ def markdown(report: dict[str, Any], command: str) -> str:
             for e in ex[kind]:
                 lines.append(f"- {kind} {e['score']:+.4f}: {_clip(e['text'])}")
     return "\n".join(lines) + "\n"
+
+
+def _contamination_markdown(ct: dict[str, Any]) -> list[str]:
+    lines = ["", f"## Contamination, {_cell_label(ct['cell'])}: {ct['leaked_problems']} leaked problems x "
+             f"{ct['copies']} {ct['kind']} replicas = {ct['replicas']} of {ct['pool']} pool examples "
+             f"(leak rate {100 * ct['leak_rate']:.2f}%)", "",
+             "Memorisation (greedy decoding reproduces the worked answer exactly, from one teacher-forced pass; "
+             "response-token loss):", "",
+             "| model | exact match leaked | exact match clean | token accuracy leaked / clean | loss leaked / clean |",
+             "|---|---|---|---|---|"]
+    for name, m in ct["memorisation"].items():
+        lk, cl = m["leaked"], m["clean"]
+        lines.append(f"| {name} | {lk['exact_match']:.3f} ({lk['n']}) | {cl['exact_match']:.3f} ({cl['n']}) | "
+                     f"{lk['token_accuracy']:.3f} / {cl['token_accuracy']:.3f} | {lk['loss']:.3f} / {cl['loss']:.3f} |")
+    fracs = sorted({r["bucket_fraction"] for r in ct["recall"]})
+    by = {(r["method"], r["bucket_fraction"]): r for r in ct["recall"]}
+    lines += ["", "Recall of each leaked problem's replicas in the method's most helpful bucket (mean over the "
+              "leaked problems, 95% bootstrap interval; p: exact one-sided test of the total hits against random "
+              "rankings):", "",
+              "| method | " + " | ".join(f"top {100 * f:g}% ({by[next(iter(by))[0], f]['bucket']}; chance "
+                                        f"{by[next(iter(by))[0], f]['chance']:.3f})" for f in fracs) + " |",
+              "|---|" + "---|" * len(fracs)]
+    for m in dict.fromkeys(r["method"] for r in ct["recall"]):
+        cells = []
+        for f in fracs:
+            r = by.get((m, f))
+            cells.append("-" if r is None else f"{r['recall']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}], "
+                                                 f"p {r['p_value']:.1e}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def qualitative_markdown(report: dict[str, Any], command: str) -> str:
@@ -277,7 +314,8 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
     by = {(r["method"], r["cell"]): r for r in rows}
     x = np.arange(len(cells))
     for i, m in enumerate(methods):
-        pts = [(j, by[(m, c)]) for j, c in enumerate(cells) if (m, c) in by and by[(m, c)]["lds"]["mean"] is not None]
+        pts = [(j, by[(m, c)]) for j, c in enumerate(cells)
+               if (m, c) in by and (by[(m, c)]["lds"] or {}).get("mean") is not None]
         if not pts:
             continue
         xs = np.array([j for j, _ in pts], float) + (0.0 if len(cells) > 1 else i * 0.8)
@@ -287,7 +325,7 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
         axes[0].errorbar(xs, y, yerr=err, linestyle="-" if len(cells) > 1 else "none", **kw)
         axes[1].plot(xs, [r["seconds"].get("total", np.nan) for _, r in pts], marker="o", color=color[m], label=m,
                      linestyle="-" if len(cells) > 1 else "none")
-    ceil = [next((c["noise_ceiling"][str(alpha)] for c in report["cells"] if c["cell"] == cell), {})
+    ceil = [next((c["noise_ceiling"].get(str(alpha), {}) for c in report["cells"] if c["cell"] == cell), {})
             .get("ceiling_for_seed_average", np.nan) for cell in cells]
     if len(cells) > 1:
         axes[0].plot(x, ceil, ":", color="0.4", lw=1.5, label="noise ceiling (seed avg)")
@@ -314,7 +352,8 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-CELL_KEYED = ("cells", "rows", "variants", "selection", "counterfactual", "examples", "cost_n", "qualitative")
+CELL_KEYED = ("cells", "rows", "variants", "selection", "counterfactual", "examples", "cost_n", "qualitative",
+              "contamination")
 
 
 def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -70,6 +70,9 @@ class Prepared:
 
 
 def alphas(task: Task) -> list[float]:
+    """The ground truth's alphas ([] for a task without ground truth)."""
+    if task.groundtruth is None:
+        return []
     return list(task.alphas) or [task.groundtruth.alpha]
 
 
@@ -118,10 +121,74 @@ def _sft_records(d: Any) -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
+INJECTED_ID = 10**9  # ids of injected examples: INJECTED_ID + 1000 * problem id + copy (999: the query)
+
+
+def replica_problem(ids: np.ndarray) -> np.ndarray:
+    """Per example (by its id) the benchmark problem it replicates, -1 for the pool's own records."""
+    ids = np.asarray(ids, np.int64)
+    return np.where(ids >= INJECTED_ID, (ids - INJECTED_ID) // 1000, -1)
+
+
+def _problems(task: SFTTask, tok: Any) -> tuple[list[Any], list[tuple[str, str]]]:
+    """(leaked + clean problems, in that order; the replicas of the leaked ones as pairs)."""
+    from stride_jax import downloads
+    from stride_jax.harness import contamination as cont
+
+    d, inj = task.data, task.data.inject
+    root = downloads.fetch("gsm")
+    problems, lists = cont.read_gsm(root), cont.read_lists(root)
+    texts = [t + p.answer for t, p in zip(data_lib.templated_prompts([p.question for p in problems], tok,
+                                                                        d.chat_template), problems)]
+    fits = [p for p, n in zip(problems, data_lib._encode(tok, texts)) if len(n) + 1 <= d.seq_len]
+    rng = np.random.default_rng([inj.seed, 7])
+    near = {p.id: cont.near_replica(p, rng, lists) for p in fits} if inj.kind == "near" else {}
+    leakable = [p for p in fits if inj.kind == "exact" or near[p.id] is not None]
+    order = np.random.default_rng(inj.seed).permutation(len(leakable))
+    leaked = [leakable[i] for i in order[:inj.leaked]]
+    rest = [p for p in fits if p.id not in {q.id for q in leaked}]
+    clean = [rest[i] for i in np.random.default_rng([inj.seed, 1]).permutation(len(rest))[:inj.clean]]
+    if len(leaked) < inj.leaked or len(clean) < inj.clean:
+        raise ValueError(f"task.data.inject: {len(fits)} of {len(problems)} GSM problems fit seq_len {d.seq_len} "
+                         f"({len(leakable)} leakable as {inj.kind!r}); asked for {inj.leaked} leaked + {inj.clean} clean")
+    replicas = []
+    for p in leaked:
+        for c in range(inj.copies):
+            if inj.kind == "exact":
+                replicas.append(p.pair())
+            else:  # a fresh near-replica per copy
+                replicas.append(cont.near_replica(p, np.random.default_rng([inj.seed, p.id, c]), lists))
+    return leaked + clean, replicas
+
+
+def _inject(task: SFTTask, pool: data_lib.Examples, tok: Any) -> tuple[data_lib.Examples, ...]:
+    """(pool + replicas of the leaked problems, shuffled; clean problems; leaked problems)."""
+    d, inj = task.data, task.data.inject
+    problems, replicas = _problems(task, tok)
+    leaked, clean = problems[:inj.leaked], problems[inj.leaked:]
+    encode = lambda pairs: data_lib.examples_from_pairs([a for a, _ in pairs], [b for _, b in pairs], tok, d.seq_len,
+                                                        chat_template=d.chat_template, truncate=True)
+    reps = encode(replicas)
+    reps = dataclasses.replace(reps, ids=np.asarray([INJECTED_ID + 1000 * p.id + c for p in leaked
+                                                     for c in range(inj.copies)]))
+    both = data_lib.concat(pool, reps)
+    both = both[np.random.default_rng([inj.seed, 3]).permutation(len(both))]
+    query_ids = lambda ps: np.asarray([INJECTED_ID + 1000 * p.id + 999 for p in ps])
+    val = dataclasses.replace(encode([p.pair() for p in clean]), ids=query_ids(clean))
+    test = dataclasses.replace(encode([p.pair() for p in leaked]), ids=query_ids(leaked))
+    return both, val, test
+
+
 def _sft_data(task: SFTTask) -> tuple[data_lib.Examples, data_lib.Examples, data_lib.Examples]:
     d = task.data
     _, tok = pretrained(task.model.path, task.model.dtype)
     pairs = _sft_records(d)
+    if d.inject is not None:  # the pool's own records only; the queries are the problems
+        ex = data_lib.instruction_examples(pairs, tok, d.seq_len, min_response_tokens=d.min_response_tokens,
+                                           seed=d.seed, chat_template=d.chat_template, limit=d.n_train)
+        if len(ex) < d.n_train:
+            raise ValueError(f"{d.source}: only {len(ex)} records fit seq_len {d.seq_len}; n_train is {d.n_train}")
+        return _inject(task, ex, tok)
     need = d.n_train + d.val_queries + d.test_queries
     ex = data_lib.instruction_examples(pairs, tok, d.seq_len, min_response_tokens=d.min_response_tokens, seed=d.seed,
                                        chat_template=d.chat_template, limit=need)  # ids: record indices
@@ -177,7 +244,8 @@ def base_model(task: Task, train: data_lib.Examples, out: Path, *, progress: boo
     """Load the cached base model of `task` from `out/base_model`, or train and save it (an sft
     task's base model is the pretrained model itself)."""
     if isinstance(task, SFTTask):
-        return pretrained(task.model.path, task.model.dtype)[0]
+        start = pretrained(task.model.path, task.model.dtype)[0]
+        return start if task.base == "pretrained" else _finetuned_base(task, start, train, out, progress)
     mcfg = model_config(task, train)
     expected = {"data_hash": train.content_hash(), "train_config": train_config(task).to_dict(),
                 "seed": task.model.seed}
@@ -189,6 +257,22 @@ def base_model(task: Task, train: data_lib.Examples, out: Path, *, progress: boo
         return model
     store.clean_leftovers(out)
     model = train_lib.pretrain(mcfg, train, train_config(task), seed=task.model.seed, progress=progress)
+    models.save_model(model, path, expected)
+    return model
+
+
+def _finetuned_base(task: SFTTask, start: Any, train: data_lib.Examples, out: Path, progress: bool) -> Any:
+    """`start` fine-tuned on the whole pool (the task's recipe and tune), cached in out/base_model."""
+    expected = {"data_hash": train.content_hash(), "finetune": task.finetune.to_dict(), "tune": task.tune.to_dict(),
+                "start": models.param_digest(start), "seed": task.model.seed}
+    path = out / "base_model"
+    if path.exists():
+        return models.load_model(path, expected=expected)[0]
+    store.clean_leftovers(out)
+    tuned = train_lib.finetune_many(start, train, np.arange(len(train), dtype=np.int32)[None],
+                                    np.array([task.model.seed]), task.finetune, task.tune, progress=progress,
+                                    desc="fine-tune the base model")
+    model = tuned.model(0)
     models.save_model(model, path, expected)
     return model
 
@@ -215,13 +299,16 @@ def prepare(task: Task, out: str | Path, *, progress: bool = False, groundtruth:
         model = base_model(task, train, out, progress=progress)
     seconds["base_model"] = time.perf_counter() - t0
     gts: dict[float, tuple[np.ndarray, np.ndarray]] = {}
-    if groundtruth:
+    if groundtruth and task.groundtruth is not None:
         mcfg, rcfg = model.cfg, retrain_config(task)
         for alpha in alphas(task):
             t0 = time.perf_counter()
             gcfg = groundtruth_config(task, alpha)
             name = "groundtruth" if not task.alphas else f"groundtruth_a{alpha}"
-            tune = dict(start=model, tune=task.tune) if isinstance(task, SFTTask) else {}
+            # an sft ground truth fine-tunes the loaded model on each subset (with base "finetuned" the
+            # attributed model is that same fine-tune on the whole pool)
+            tune = dict(start=pretrained(task.model.path, task.model.dtype)[0], tune=task.tune) \
+                if isinstance(task, SFTTask) else {}
             gt_store = gt_lib.GroundTruthStore.create_or_open(out / name, gcfg, mcfg, rcfg, train, queries, **tune)
             gt_lib.run_groundtruth(gt_store, mcfg, rcfg, train, queries, progress=progress, **tune)
             gts[float(alpha)] = (gt_store.subsets(), gt_store.losses())
