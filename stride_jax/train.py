@@ -605,14 +605,17 @@ def _hook_data(graphdef, states, examples, layer: int, batch_size: int):
     inputs, targets, mask, weights = device_batch(examples)
     if layer == 0:
         return inputs, targets, mask, weights
-    n = len(examples.inputs)
-    size = min(batch_size, n)
-    hs = []
-    for lo in range(0, n, size):
-        idx = jnp.asarray(np.minimum(np.arange(lo, lo + size), n - 1))  # last batch padded: one compile
-        hs.append(_trunk_batch(graphdef, states, inputs[idx], None if mask is None else mask[idx],
-                               layer=layer)[: min(size, n - lo)])
+    hs = [_trunk_batch(graphdef, states, inputs[idx], None if mask is None else mask[idx], layer=layer)[:real]
+          for idx, real in _padded_batches(len(examples.inputs), batch_size)]
     return jnp.concatenate(hs), targets, mask, weights
+
+
+def _padded_batches(n: int, batch_size: int):
+    """(row indices [B], real rows) of batches of min(batch_size, n) rows covering 0..n-1; the last
+    batch is padded with row n - 1, so every batch has one shape (one compile)."""
+    size = min(batch_size, n)
+    for lo in range(0, n, size):
+        yield jnp.asarray(np.minimum(np.arange(lo, lo + size), n - 1)), min(size, n - lo)
 
 
 class HookStates(NamedTuple):
@@ -852,14 +855,11 @@ def greedy_match(model: nnx.Module, examples, *, batch_size: int = 8) -> tuple[n
         raise ValueError("greedy_match needs a sequence model (token inputs and next-token targets)")
     graphdef, state = nnx.split(model)
     data_N = device_batch(examples)
-    n = len(examples.inputs)
-    size = min(batch_size, n)
     hits, counts = [], []
-    for lo in range(0, n, size):
-        idx = jnp.asarray(np.minimum(np.arange(lo, lo + size), n - 1))  # last batch padded: one compile
+    for idx, real in _padded_batches(len(examples.inputs), batch_size):
         h, c = _hits(state, take(data_N, idx), graphdef=graphdef)
-        hits.append(np.asarray(h)[: min(size, n - lo)])
-        counts.append(np.asarray(c)[: min(size, n - lo)])
+        hits.append(np.asarray(h)[:real])
+        counts.append(np.asarray(c)[:real])
     hit_N, count_N = np.concatenate(hits), np.concatenate(counts)
     if np.any(count_N == 0):
         raise ValueError(f"{int((count_N == 0).sum())} examples have no counted target token")

@@ -409,8 +409,8 @@ class ExperimentConfig:
         names = [c.name for c in self.cells]
         if len(set(names)) != len(names) or any(not n for n in names):
             raise ValueError(f"cell names must be unique and non-empty, got {names}")
+        tasks = [self.task_for(c) for c in self.cell_names()]
         for c in self.cells:
-            self.task_for(c.name)
             self.stride_for(c.name)
         seen = set()
         for m in self.methods:
@@ -441,7 +441,7 @@ class ExperimentConfig:
                 unknown = sorted(set(names_) - set(self.all_variants()))
                 if unknown:
                     raise ValueError(f"select.only[{group!r}] names unknown variants {unknown}")
-        if isinstance(self.task, SFTTask) or any(self.task_for(c).kind == "sft" for c in names):
+        if any(isinstance(t, SFTTask) for t in tasks):
             for m in self.methods:
                 if m.kind == "tracin" or (m.kind == "trak" and m.params.get("n_retrain")):
                     raise ValueError(f"method {m.name!r} retrains the model from scratch along its training run; "
@@ -455,9 +455,7 @@ class ExperimentConfig:
             unknown = sorted(set(self.cost_n.methods) - {m.name for m in self.methods})
             if unknown:
                 raise ValueError(f"cost_n.methods names unknown methods {unknown}")
-        tasks = [self.task_for(c) for c in self.cell_names()]
-        no_gt = [t for t in tasks if getattr(t, "groundtruth", True) is None]
-        if no_gt and self.select is not None:
+        if self.select is not None and any(t.groundtruth is None for t in tasks):
             raise ValueError("select chooses STRIDE by validation LDS: it needs a ground truth (task.groundtruth)")
         if self.contamination is not None:
             if any(not isinstance(t, SFTTask) or t.data.inject is None for t in tasks):

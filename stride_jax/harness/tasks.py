@@ -242,37 +242,33 @@ def retrain_config(task: Task) -> train_lib.TrainConfig:
 
 def base_model(task: Task, train: data_lib.Examples, out: Path, *, progress: bool = False) -> Any:
     """Load the cached base model of `task` from `out/base_model`, or train and save it (an sft
-    task's base model is the pretrained model itself)."""
+    task's base model is the pretrained model itself, or with base "finetuned" that model
+    fine-tuned on the whole pool)."""
     if isinstance(task, SFTTask):
         start = pretrained(task.model.path, task.model.dtype)[0]
-        return start if task.base == "pretrained" else _finetuned_base(task, start, train, out, progress)
-    mcfg = model_config(task, train)
+        if task.base == "pretrained":
+            return start
+        expected = {"data_hash": train.content_hash(), "finetune": task.finetune.to_dict(),
+                    "tune": task.tune.to_dict(), "start": models.param_digest(start), "seed": task.model.seed}
+        tune = lambda: train_lib.finetune_many(start, train, np.arange(len(train), dtype=np.int32)[None],
+                                               np.array([task.model.seed]), task.finetune, task.tune,
+                                               progress=progress, desc="fine-tune the base model").model(0)
+        return _cached_model(out, expected, tune)
     expected = {"data_hash": train.content_hash(), "train_config": train_config(task).to_dict(),
                 "seed": task.model.seed}
     if isinstance(task, LMTask):
         expected["tokenizer_hash"] = data_lib.tokenizer_hash()
-    path = out / "base_model"
-    if path.exists():
-        model, _ = models.load_model(path, expected=expected)
-        return model
-    store.clean_leftovers(out)
-    model = train_lib.pretrain(mcfg, train, train_config(task), seed=task.model.seed, progress=progress)
-    models.save_model(model, path, expected)
-    return model
+    return _cached_model(out, expected, lambda: train_lib.pretrain(model_config(task, train), train, train_config(task),
+                                                                   seed=task.model.seed, progress=progress))
 
 
-def _finetuned_base(task: SFTTask, start: Any, train: data_lib.Examples, out: Path, progress: bool) -> Any:
-    """`start` fine-tuned on the whole pool (the task's recipe and tune), cached in out/base_model."""
-    expected = {"data_hash": train.content_hash(), "finetune": task.finetune.to_dict(), "tune": task.tune.to_dict(),
-                "start": models.param_digest(start), "seed": task.model.seed}
+def _cached_model(out: Path, expected: dict[str, Any], make: Any) -> Any:
+    """The model in out/base_model (its metadata checked against `expected`), else `make()` saved there."""
     path = out / "base_model"
     if path.exists():
         return models.load_model(path, expected=expected)[0]
     store.clean_leftovers(out)
-    tuned = train_lib.finetune_many(start, train, np.arange(len(train), dtype=np.int32)[None],
-                                    np.array([task.model.seed]), task.finetune, task.tune, progress=progress,
-                                    desc="fine-tune the base model")
-    model = tuned.model(0)
+    model = make()
     models.save_model(model, path, expected)
     return model
 
