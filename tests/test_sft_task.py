@@ -245,3 +245,84 @@ def test_contamination_run_finds_exact_replicas(files, tmp_path, monkeypatch):
     md = (tmp_path / "run" / "contamination_tiny.md").read_text()
     assert "## Contamination" in md and "none (no LDS)" in md
     assert report_lib.markdown(report, "cmd")  # renders without ground truth
+
+
+def _evals_fixture(root, tasks_):
+    """An OpenAI-evals registry stand-in: per task 30 records of `prompt word` -> constant answer."""
+    for t, (word, answer) in tasks_.items():
+        d = root / "evals" / "registry" / "data" / t
+        d.mkdir(parents=True)
+        recs = [{"input": [{"role": "user", "content": f"{word} {word} {i}"}], "ideal": answer} for i in range(30)]
+        (d / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return root
+
+
+def test_data_selection_run_picks_in_task_records_and_fine_tunes_them(files, tmp_path, monkeypatch):
+    """task.data.targets adds the targets' train records (and a mix) to the pool and makes their
+    validation records the queries; data_selection keeps each method's top k per target,
+    fine-tunes fresh copies of the loaded model and scores held-out test records."""
+    from stride_jax import downloads
+    from stride_jax.harness import report as report_lib
+
+    evals = _evals_fixture(tmp_path / "evals", {"zebra": ("zebra", "yes"), "quilt": ("quilt", "B"),
+                                                "mixer": ("mixer", "0")})
+    real_fetch = downloads.fetch
+    monkeypatch.setattr(downloads, "fetch",
+                        lambda name, *a, **kw: evals if name == "evals" else real_fetch(name, *a, **kw))
+    gguf, pairs = files
+    cfg = _config(gguf, pairs)
+    cfg.pop("variants"), cfg.pop("select")
+    cfg["name"] = "selection_tiny"
+    cfg["task"].update(groundtruth=None)
+    cfg["task"]["data"].update(n_train=16, test_queries=1, min_response_tokens=2,
+                               targets={"tasks": ["zebra", "quilt"], "train": 8, "val": 3, "test": 10,
+                                        "mix": ["mixer"], "mix_per_task": 6})
+    cfg["task"]["finetune"].update(epochs=6.0)
+    cfg["methods"] = ["bm25", "random"]
+    cfg["data_selection"] = {"k": 8, "seeds": 2, "n_boot": 50,
+                             "finetune": {"learning_rate": 1e-2, "epochs": 12.0, "batch_size": 4, "scan_steps": 4}}
+    cfg_path = tmp_path / "s.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    task = load_config(cfg_path).task
+    train, val, test = tasks.load_data(task)
+    target = tasks.target_of(train.ids)
+    assert len(train) == 16 + 6 + 2 * 8 and (target == 0).sum() == 8 and (target == 1).sum() == 8
+    assert sum("mixer" in t for t in train.texts) == 6
+    assert list(tasks.target_of(val.ids)) == [0] * 3 + [1] * 3 and list(tasks.target_of(test.ids)) == [0, 1]
+    held_out = tasks.target_splits(task)
+    seen = set(train.texts) | set(val.texts)
+    assert all(t not in seen for s in held_out for t in s["test"].texts)  # test records are never in the pool
+    assert cli.main(["run", str(cfg_path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "run" / "selection_tiny.json").read_text())
+    zebra, quilt = report["data_selection"]
+    for e in (zebra, quilt):
+        assert e["in_task_fraction"]["bm25"] == 1.0 and e["in_task_fraction"]["in-task"] == 1.0
+        assert e["in_task_fraction"]["random"] < 0.6
+        assert set(e["exact_match"]) == {"bm25", "random", "in-task", "pretrained"}
+        em = {m: r["mean"] for m, r in e["exact_match"].items()}
+        assert em["pretrained"] == 0.0 and em["in-task"] == 1.0 and em["bm25"] == 1.0  # the constant answer learnt
+        assert e["exact_match"]["bm25"]["vs_random"]["diff"] >= 0
+    md = (tmp_path / "run" / "selection_tiny.md").read_text()
+    assert "## Data selection" in md and "all targets" in md
+    # a rerun reads the cached fine-tunes
+    cached = sorted((tmp_path / "run" / "data_selection").glob("*.npz"))
+    assert len(cached) == 2
+    assert cli.main(["run", str(cfg_path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert sorted((tmp_path / "run" / "data_selection").glob("*.npz")) == cached
+    assert report_lib.markdown(report, "cmd")
+
+
+def test_selection_helpers():
+    from stride_jax.harness import selection as sel
+
+    scores = np.array([[1.0, 0.0], [3.0, -5.0], [np.nan, 9.0], [2.0, 2.0]])
+    assert list(sel.select_top_k(scores, [0], 2)) == [1, 3]  # NaN ranks last
+    assert list(sel.select_top_k(scores, [0, 1], 2)) == [3, 0]
+    with pytest.raises(ValueError, match="exceeds"):
+        sel.select_top_k(scores, [0], 5)
+    d = sel.draw(np.arange(10, 20), 4, 0)
+    assert len(set(d)) == 4 and set(d) <= set(range(10, 20)) and list(d) == list(sel.draw(np.arange(10, 20), 4, 0))
+    hits = {"random": np.zeros((2, 20)), "good": np.ones((2, 20)), "same": np.zeros((2, 20))}
+    s = sel.bootstrap_means(hits, n_boot=100)
+    assert s["good"]["mean"] == 1.0 and s["good"]["vs_random"]["p_not_above"] == 0.0
+    assert s["same"]["vs_random"]["p_not_above"] == 1.0 and "vs_random" not in s["random"]

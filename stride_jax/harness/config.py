@@ -128,6 +128,34 @@ class Inject:
 
 
 @dataclasses.dataclass(frozen=True)
+class Targets:
+    """Data-selection targets (the `data_selection` section): OpenAI-evals tasks, each split
+    (exact duplicates and records that do not fit dropped, shuffled with the data seed) into
+    `train` records added to the pool (the in-task candidates), `val` records (the validation
+    queries methods score the pool against) and `test` records (held out, never attributed:
+    the exact match of the fine-tunes on a selection). `mix`: further evals tasks, `mix_per_task`
+    records each, added to the pool (a FLAN-like mix). The pool is `n_train` records of the
+    task's `source`, then the mix, then the targets' train records. The harness's test queries
+    are the first test record of each target (attributed, read by no selection)."""
+
+    tasks: tuple[str, ...] = ()
+    train: int = 32
+    val: int = 8
+    test: int = 64
+    mix: tuple[str, ...] = ()
+    mix_per_task: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("task.data.targets.tasks names at least one evals task")
+        if min(self.train, self.val, self.test) < 1 or self.mix_per_task < 0:
+            raise ValueError("task.data.targets: train, val and test must be >= 1, mix_per_task >= 0")
+        both = sorted(set(self.tasks) & set(self.mix))
+        if both or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"task.data.targets: a target is also in the mix or listed twice: {both or self.tasks}")
+
+
+@dataclasses.dataclass(frozen=True)
 class SFTData:
     """Instruction (prompt, response) records; only response tokens count in every loss.
 
@@ -150,10 +178,13 @@ class SFTData:
     chat_template: bool = True
     seed: int = 0
     inject: Inject | None = None  # leaked benchmark problems: they replace val / test queries
+    targets: Targets | None = None  # data-selection targets: their records are added and are the queries
 
     def __post_init__(self) -> None:
         if min(self.n_train, self.val_queries, self.test_queries) < 1:
             raise ValueError("task.data.n_train, val_queries and test_queries must be >= 1")
+        if self.inject is not None and self.targets is not None:
+            raise ValueError("task.data: inject and targets do not combine")
         if (self.source == "evals") != bool(self.evals_tasks):
             raise ValueError("task.data.evals_tasks lists the tasks of source 'evals' (and only of it)")
         if self.per_task < 0:
@@ -300,6 +331,36 @@ class Contamination:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataSelection:
+    """Data selection (the paper's tab:selection_results), on a task with `task.data.targets`.
+
+    For each target, every method in `methods` (default: every method the experiment runs but
+    random) ranks the pool by its scores summed over the target's validation queries and keeps
+    the top `k`; references: "random" (k pool records drawn per seed), "in-task" (k of the
+    target's own train records, drawn per seed: what a perfect selector could reach),
+    "pretrained" (the loaded model, no fine-tune). Each selection fine-tunes a fresh copy of the
+    loaded model (`finetune`, the task's `tune`) with `seeds` data-order seeds (seed s shared
+    by every method: paired) and is scored by greedy exact match and token accuracy on the
+    target's held-out test records; intervals resample seeds and test records."""
+
+    k: int = 32
+    seeds: int = 2
+    methods: tuple[str, ...] = ()
+    references: tuple[str, ...] = ("random", "in-task", "pretrained")
+    finetune: train_lib.TrainConfig = train_lib.TrainConfig(learning_rate=1e-4, epochs=3.0, batch_size=8,
+                                                            warmup_frac=0.1, scan_steps=8)
+    seed: int = 0
+    n_boot: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.seeds < 1 or self.n_boot < 1:
+            raise ValueError("data_selection: k, seeds and n_boot must be >= 1")
+        bad = sorted(set(self.references) - {"random", "in-task", "pretrained"})
+        if bad:
+            raise ValueError(f"data_selection.references: unknown {bad}; known: random, in-task, pretrained")
+
+
+@dataclasses.dataclass(frozen=True)
 class Qualitative:
     """Side-by-side top training examples (the paper's supplementary examples): for the first
     `n_queries` test queries of each cell, the `k` most helpful and `k` most harmful pool
@@ -337,6 +398,7 @@ class ExperimentConfig:
     counterfactual: Counterfactual | None = None
     qualitative: Qualitative | None = None
     contamination: Contamination | None = None
+    data_selection: DataSelection | None = None
     paper: str = ""  # "pretrain" | "small_models": the paper's table beside ours
 
     @classmethod
@@ -464,6 +526,20 @@ class ExperimentConfig:
             missing = sorted(set(self.contamination.fuse) - names_) if self.contamination.fusions else []
             if missing:
                 raise ValueError(f"contamination.fuse names methods the experiment does not run: {missing}")
+        if self.data_selection is not None:
+            c = self.data_selection
+            if any(not isinstance(t, SFTTask) or t.data.targets is None for t in tasks):
+                raise ValueError("data_selection needs an sft task with task.data.targets (the target tasks)")
+            unknown = sorted(set(c.methods) - {m.name for m in self.methods})
+            if unknown:
+                raise ValueError(f"data_selection.methods names methods the experiment does not run: {unknown}")
+            for t in tasks:
+                if c.k > t.data.targets.train and "in-task" in c.references:
+                    raise ValueError(f"data_selection.k = {c.k} exceeds the targets' {t.data.targets.train} train "
+                                     "records (the in-task reference draws k of them)")
+                if c.k < c.finetune.batch_size:
+                    raise ValueError(f"data_selection.k = {c.k} is below the fine-tune's batch size "
+                                     f"{c.finetune.batch_size}")
         if self.qualitative is not None:
             rows = {m.name for m in self.methods}
             if self.select is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from stride_jax import store
+from stride_jax import models, store
 from stride_jax.config import merge, to_dict
 from stride_jax.harness import counterfactual as cf_lib
 from stride_jax.harness import report as report_lib
@@ -169,6 +169,68 @@ def _contamination(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str,
             "memorisation": memo, "recall": recall}
 
 
+def _data_selection(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, scored: dict[str, np.ndarray],
+                    run_dir: Path, progress: bool) -> list[dict[str, Any]]:
+    """Per target: each method's and reference's k records, fine-tuned with every seed, scored
+    by greedy exact match on the target's held-out test records (see `config.DataSelection`)."""
+    from stride_jax import train as train_lib
+    from stride_jax.harness import selection as sel
+
+    c, task = cfg.data_selection, p.task
+    methods = [m for m in (c.methods or [m for m in scored if m != "random"]) if m in scored]
+    missing = sorted(set(c.methods) - set(scored))
+    if missing:
+        log.warning("[%s] data selection: no scores of %s (skipped or failed)", cell or cfg.name, missing)
+    start = tasks_lib.pretrained(task.model.path, task.model.dtype)[0]
+    pool_target = tasks_lib.target_of(p.train.ids)
+    query_target = tasks_lib.target_of(p.queries.ids)
+    hooks = None
+    out = []
+    for t, (name, splits) in enumerate(zip(task.data.targets.tasks, tasks_lib.target_splits(task))):
+        val_cols = p.val_cols[query_target[p.val_cols] == t]
+        in_task = np.flatnonzero(pool_target == t)
+        picks: dict[str, np.ndarray] = {}  # name -> [seeds, k] pool rows
+        for m in methods:
+            picks[m] = np.tile(sel.select_top_k(scored[m], val_cols, c.k), (c.seeds, 1))
+        for ref, candidates in (("random", np.arange(len(p.train))), ("in-task", in_task)):
+            if ref in c.references:
+                picks[ref] = np.stack([sel.draw(candidates, c.k, [c.seed, t, s, len(ref)]) for s in range(c.seeds)])
+        test = splits["test"]
+        idx = np.concatenate(list(picks.values())).astype(np.int32)
+        seeds = np.tile(c.seed + np.arange(c.seeds), len(picks))
+        key = store.fingerprint([to_dict(c), to_dict(task.finetune), to_dict(task.tune), p.train.content_hash(),
+                                 test.content_hash(), store.digest([idx, seeds]), models.param_digest(start)])
+        cache = run_dir / "data_selection" / f"{name}-{key[:12]}.npz"
+        if cache.exists():
+            z = store.load_npz(cache)
+            exact_MxT, acc_MxT = z["exact"], z["acc"]
+        else:
+            if hooks is None:
+                hooks = train_lib.hook_states(start, task.tune, p.train)
+            log.info("[%s] data selection %s: fine-tune %d models on %d records each", cell or cfg.name, name,
+                     len(idx), c.k)
+            tuned = train_lib.finetune_many(start, p.train, idx, seeds, c.finetune, task.tune, progress=progress,
+                                            desc=f"select {name}", hooks=hooks)
+            exact_MxT, acc_MxT = map(np.stack, zip(*(train_lib.greedy_match(tuned.model(i), test)
+                                                     for i in range(len(idx)))))
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            store.save_npz(cache, {"exact": exact_MxT, "acc": acc_MxT})
+        exact = {m: exact_MxT[i * c.seeds:(i + 1) * c.seeds] for i, m in enumerate(picks)}
+        acc = {m: acc_MxT[i * c.seeds:(i + 1) * c.seeds] for i, m in enumerate(picks)}
+        if "pretrained" in c.references:
+            e0, a0 = train_lib.greedy_match(start, test)
+            exact["pretrained"], acc["pretrained"] = np.tile(e0, (c.seeds, 1)), np.tile(a0, (c.seeds, 1))
+        out.append({"cell": cell, "target": name, "k": c.k, "pool": len(p.train), "in_task_records": len(in_task),
+                    "val_queries": len(val_cols), "test_records": len(test),
+                    "in_task_fraction": {m: float((pool_target[v] == t).mean()) for m, v in picks.items()},
+                    "exact_match": sel.bootstrap_means(exact, n_boot=c.n_boot),
+                    "token_accuracy": sel.bootstrap_means(acc, n_boot=c.n_boot),
+                    "hits": {m: np.asarray(v, np.int8).tolist() for m, v in exact.items()}})
+        log.info("[%s] data selection %s: %s", cell or cfg.name, name,
+                 ", ".join(f"{m} {r['mean']:.3f}" for m, r in out[-1]["exact_match"].items()))
+    return out
+
+
 def _counterfactual(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, scored: dict[str, np.ndarray],
                     run_dir: Path, results_dir: Path) -> dict[str, Any]:
     c = cfg.counterfactual
@@ -244,7 +306,7 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
     t_start = time.perf_counter()
     with store.Lock(out):
         report: dict[str, Any] = {"rows": [], "variants": [], "selection": [], "cells": [], "counterfactual": [],
-                                  "examples": [], "qualitative": [], "contamination": [],
+                                  "examples": [], "qualitative": [], "contamination": [], "data_selection": [],
                                   "config": cfg.to_dict()}
         prepared = {}
         for cell in cfg.cell_names():  # ground truth of every cell first: the long, resumable part
@@ -283,6 +345,8 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
                          rec["seconds"].get("total", 0.0))
             if cfg.contamination is not None:
                 report["contamination"].append(_contamination(p, cfg, cell, scored))
+            if cfg.data_selection is not None:
+                report["data_selection"] += _data_selection(p, cfg, cell, scored, run_dir, progress)
             if cfg.counterfactual is not None:
                 if not isinstance(task, ClassifierTask):
                     raise ValueError("counterfactual removal is implemented for classifier tasks")

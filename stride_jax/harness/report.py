@@ -203,6 +203,8 @@ def markdown(report: dict[str, Any], command: str) -> str:
             lines.append(f"| {m} | " + " | ".join(f"{x:.3f}" for x in s["mean_drop"]) + " |")
     for ct in report.get("contamination", []):
         lines += _contamination_markdown(ct)
+    if report.get("data_selection"):
+        lines += _selection_markdown(report["data_selection"], report["config"].get("data_selection") or {})
     paper = PAPER.get(cfg.get("paper") or "")
     if paper:
         lines += ["", f"## The paper's table: {paper['title']}", "", "| | " + " | ".join(paper["columns"]) + " |",
@@ -244,6 +246,52 @@ def _contamination_markdown(ct: dict[str, Any]) -> list[str]:
             cells.append("-" if r is None else f"{r['recall']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}], "
                                                  f"p {r['p_value']:.1e}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def selection_overall(entries: list[dict[str, Any]], n_boot: int = 1000) -> dict[str, dict[str, Any]]:
+    """Exact match over every target of the cell (records concatenated: targets weighted by
+    their test records), for the methods every target has."""
+    from stride_jax.harness.selection import bootstrap_means
+
+    names = [m for m in entries[0]["hits"] if all(m in e["hits"] for e in entries)]
+    return bootstrap_means({m: np.concatenate([np.asarray(e["hits"][m]) for e in entries], axis=1) for m in names},
+                           n_boot=n_boot)
+
+
+def _selection_markdown(entries: list[dict[str, Any]], c: dict[str, Any]) -> list[str]:
+    ft = c.get("finetune", {})
+    lines = ["", f"## Data selection: top {entries[0]['k']} of the pool per target, fine-tuned, greedy exact match "
+             "on held-out test records", "",
+             f"Each method ranks the pool ({entries[0]['pool']} records) by its scores summed over the target's "
+             f"validation queries; a fresh copy of the loaded model is fine-tuned on its top k (lr "
+             f"{ft.get('learning_rate')}, {ft.get('epochs')} epochs, batch {ft.get('batch_size')}) with "
+             f"{c.get('seeds')} data-order seeds shared by every row. random: k pool records drawn per seed; "
+             "in-task: k of the target's own train records (a perfect selector); pretrained: no fine-tune. "
+             "Interval: 95% bootstrap over seeds and test records; vs random: the paired difference, its interval "
+             "and the share of bootstrap draws where the method is not above random. in-task share: the fraction "
+             "of the selection that is the target's own train records.", ""]
+    names = list(dict.fromkeys(m for e in entries for m in e["exact_match"]))
+    cells = list(dict.fromkeys(e["cell"] for e in entries))
+    for cell in cells:
+        es = [e for e in entries if e["cell"] == cell]
+        overall = selection_overall(es, c.get("n_boot", 1000))
+        head = [f"{e['target']} ({e['test_records']} test)" for e in es] + ["all targets"]
+        lines += [f"Cell {_cell_label(cell)}:" if len(cells) > 1 else "", "",
+                  "| method | " + " | ".join(head) + " | vs random (all) | in-task share |",
+                  "|---|" + "---|" * (len(head) + 2)]
+
+        def fmt(r: dict[str, Any] | None) -> str:
+            return "-" if r is None else f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+
+        for m in sorted(names, key=lambda m: -(overall.get(m) or {"mean": -1})["mean"]):
+            o = overall.get(m)
+            vs = (o or {}).get("vs_random")
+            share = [e["in_task_fraction"].get(m) for e in es]
+            lines.append(f"| {m} | " + " | ".join(fmt(e["exact_match"].get(m)) for e in es) + f" | {fmt(o)} | "
+                         + ("-" if vs is None else f"{vs['diff']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}], "
+                                                   f"p {vs['p_not_above']:.3f}") + " | "
+                         + " / ".join("-" if s is None else f"{s:.2f}" for s in share) + " |")
     return lines
 
 
@@ -353,7 +401,7 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
 
 
 CELL_KEYED = ("cells", "rows", "variants", "selection", "counterfactual", "examples", "cost_n", "qualitative",
-              "contamination")
+              "contamination", "data_selection")
 
 
 def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:

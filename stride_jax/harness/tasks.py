@@ -102,6 +102,22 @@ def pretrained(path: str, dtype: str = "float32") -> tuple[Any, Any]:
     return load_model(path, dtype=dtype)
 
 
+def _evals_pairs(tasks: Any, per_task: int, seed: int) -> list[list[tuple[str, str]]]:
+    """Per OpenAI-evals task, `per_task` (0 = all) of its distinct records, shuffled with `seed`."""
+    from stride_jax import downloads
+
+    root = downloads.fetch("evals", only=list(tasks)) / "evals" / "registry" / "data"
+    out = []
+    for i, name in enumerate(tasks):
+        files = sorted(f for f in (root / name).rglob("*.jsonl") if "few_shot" not in f.name)
+        if not files:
+            raise ValueError(f"evals task {name!r} has no sample files under {root / name}")
+        task_pairs = list(dict.fromkeys(p for f in files for p in data_lib.read_instruction_pairs(f)))
+        order = np.random.default_rng([seed, i]).permutation(len(task_pairs))
+        out.append([task_pairs[j] for j in (order[:per_task] if per_task else order)])
+    return out
+
+
 def _sft_records(d: Any) -> list[tuple[str, str]]:
     """(prompt, response) pairs of the task's source, exact duplicates dropped."""
     from stride_jax import downloads
@@ -109,16 +125,54 @@ def _sft_records(d: Any) -> list[tuple[str, str]]:
     if d.source != "evals":
         path = downloads.fetch("alpaca") if d.source == "alpaca" else Path(d.source)
         return list(dict.fromkeys(data_lib.read_instruction_pairs(path)))
-    root = downloads.fetch("evals", only=list(d.evals_tasks)) / "evals" / "registry" / "data"
-    pairs: list[tuple[str, str]] = []
-    for i, name in enumerate(d.evals_tasks):  # a FLAN-like mix: per_task records of each task
-        files = sorted(f for f in (root / name).rglob("*.jsonl") if "few_shot" not in f.name)
-        if not files:
-            raise ValueError(f"evals task {name!r} has no sample files under {root / name}")
-        task_pairs = list(dict.fromkeys(p for f in files for p in data_lib.read_instruction_pairs(f)))
-        order = np.random.default_rng([d.seed, i]).permutation(len(task_pairs))
-        pairs += [task_pairs[j] for j in (order[:d.per_task] if d.per_task else order)]
-    return list(dict.fromkeys(pairs))
+    # a FLAN-like mix: per_task records of each task
+    return list(dict.fromkeys(p for task in _evals_pairs(d.evals_tasks, d.per_task, d.seed) for p in task))
+
+
+MIX_ID = 10**8  # ids of a targets task's mix records: MIX_ID + 10**4 * mix task + record
+TARGET_ID = 2 * 10**9  # ids of target records: TARGET_ID + 10**6 * target + 10**5 * split + record
+
+
+def target_of(ids: np.ndarray) -> np.ndarray:
+    """Per example (by its id) the data-selection target it comes from, -1 for other records."""
+    ids = np.asarray(ids, np.int64)
+    return np.where(ids >= TARGET_ID, (ids - TARGET_ID) // 10**6, -1)
+
+
+def target_splits(task: SFTTask) -> list[dict[str, data_lib.Examples]]:
+    """Per target of `task.data.targets`: its "train", "val" and "test" Examples (see `Targets`)."""
+    d, t = task.data, task.data.targets
+    _, tok = pretrained(task.model.path, task.model.dtype)
+    need = t.train + t.val + t.test
+    out = []
+    for i, (name, pairs) in enumerate(zip(t.tasks, _evals_pairs(t.tasks, 0, d.seed))):
+        ex = data_lib.instruction_examples(pairs, tok, d.seq_len, min_response_tokens=d.min_response_tokens,
+                                           seed=d.seed, chat_template=d.chat_template, limit=need)
+        if len(ex) < need:
+            raise ValueError(f"target {name!r}: {len(ex)} distinct records fit seq_len {d.seq_len}; "
+                             f"train + val + test is {need}")
+        splits = {}
+        for j, (split, a, b) in enumerate((("train", 0, t.train), ("val", t.train, t.train + t.val),
+                                           ("test", t.train + t.val, need))):
+            part = ex[np.arange(a, b)]
+            splits[split] = dataclasses.replace(part, ids=TARGET_ID + 10**6 * i + 10**5 * j + np.arange(b - a))
+        out.append(splits)
+    return out
+
+
+def _targets_data(task: SFTTask, pool: data_lib.Examples, tok: Any) -> tuple[data_lib.Examples, ...]:
+    """(pool + mix + targets' train records; targets' validation records; first test record of each)."""
+    d, t = task.data, task.data.targets
+    parts = [pool]
+    if t.mix:
+        for i, pairs in enumerate(_evals_pairs(t.mix, 0, d.seed)):
+            ex = data_lib.instruction_examples(pairs, tok, d.seq_len, min_response_tokens=d.min_response_tokens,
+                                               seed=d.seed, chat_template=d.chat_template, limit=t.mix_per_task)
+            parts.append(dataclasses.replace(ex, ids=MIX_ID + 10**4 * i + np.arange(len(ex))))
+    splits = target_splits(task)
+    train = data_lib.concat(*parts, *(s["train"] for s in splits))
+    return (train, data_lib.concat(*(s["val"] for s in splits)),
+            data_lib.concat(*(s["test"][np.arange(1)] for s in splits)))
 
 
 INJECTED_ID = 10**9  # ids of injected examples: INJECTED_ID + 1000 * problem id + copy (999: the query)
@@ -183,12 +237,12 @@ def _sft_data(task: SFTTask) -> tuple[data_lib.Examples, data_lib.Examples, data
     d = task.data
     _, tok = pretrained(task.model.path, task.model.dtype)
     pairs = _sft_records(d)
-    if d.inject is not None:  # the pool's own records only; the queries are the problems
+    if d.inject is not None or d.targets is not None:  # the pool's own records only; other queries
         ex = data_lib.instruction_examples(pairs, tok, d.seq_len, min_response_tokens=d.min_response_tokens,
                                            seed=d.seed, chat_template=d.chat_template, limit=d.n_train)
         if len(ex) < d.n_train:
             raise ValueError(f"{d.source}: only {len(ex)} records fit seq_len {d.seq_len}; n_train is {d.n_train}")
-        return _inject(task, ex, tok)
+        return _inject(task, ex, tok) if d.inject is not None else _targets_data(task, ex, tok)
     need = d.n_train + d.val_queries + d.test_queries
     ex = data_lib.instruction_examples(pairs, tok, d.seq_len, min_response_tokens=d.min_response_tokens, seed=d.seed,
                                        chat_template=d.chat_template, limit=need)  # ids: record indices
