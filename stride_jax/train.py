@@ -207,9 +207,38 @@ def batch_losses(model: nnx.Module, batch, layer: int = 0) -> jax.Array:
     With `layer` > 0 the batch holds hook states trunk(x, layer) instead of inputs, and only
     `rest(h, layer)` runs.
     """
-    x, y, mask, weights = batch
-    logits = model(x, mask) if layer == 0 else model.rest(x, layer=layer, mask=mask)
+    logits, y, weights = _batch_logits(model, batch, layer)
     return models.example_loss(logits, y, weights)
+
+
+def _batch_logits(model: nnx.Module, batch, layer: int):
+    """(logits, targets, weights) of a device batch; a counted-only batch (`_counted_only`: a
+    fifth array of positions) reads the head at those positions only."""
+    x, y, mask, weights, *pos = batch
+    if not pos:
+        return (model(x, mask) if layer == 0 else model.rest(x, layer=layer, mask=mask)), y, weights
+    h = model.trunk(x, layer=0, mask=mask) if layer == 0 else x
+    h_BxTxD = model.rest_hidden(h, layer=layer, mask=mask)
+    h_BxPxD = jnp.take_along_axis(h_BxTxD, pos[0][..., None], axis=1)
+    return model.readout(h_BxPxD).astype(jnp.float32), y, weights
+
+
+def _counted_only(data, *, max_share: float = 0.75):
+    """A sequence device batch with targets and weights kept at each row's counted positions
+    (weight > 0) only, padded (weight 0) to the largest count P: (x, y [N, P], mask,
+    weights [N, P], positions [N, P]). The loss is the same; the head runs at P positions
+    instead of T (an instruction pair's response is often a few tokens of a long prompt). The
+    batch is returned as is when it has no weights or P > max_share * T."""
+    x, y, mask, weights = data
+    if weights is None or y.ndim != 2:
+        return data
+    counted = np.asarray(weights) > 0
+    p = int(counted.sum(axis=1).max())
+    if p == 0 or p > max_share * y.shape[1]:
+        return data
+    pos = np.argsort(~counted, axis=1, kind="stable")[:, :p]  # counted positions first, in order
+    gather = lambda a: jnp.asarray(np.take_along_axis(np.asarray(a), pos, axis=1))
+    return x, gather(y), mask, gather(weights), jnp.asarray(pos, jnp.int32)
 
 
 def _merge(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State | None) -> nnx.Module:
@@ -603,11 +632,11 @@ def _trunk_batch(graphdef, states, inputs, mask, *, layer):
 def _hook_data(graphdef, states, examples, layer: int, batch_size: int):
     """The device batch of `examples` with inputs replaced by trunk(inputs, layer) ([N, ..., D])."""
     inputs, targets, mask, weights = device_batch(examples)
-    if layer == 0:
-        return inputs, targets, mask, weights
-    hs = [_trunk_batch(graphdef, states, inputs[idx], None if mask is None else mask[idx], layer=layer)[:real]
-          for idx, real in _padded_batches(len(examples.inputs), batch_size)]
-    return jnp.concatenate(hs), targets, mask, weights
+    if layer > 0:
+        inputs = jnp.concatenate([
+            _trunk_batch(graphdef, states, inputs[idx], None if mask is None else mask[idx], layer=layer)[:real]
+            for idx, real in _padded_batches(len(examples.inputs), batch_size)])
+    return _counted_only((inputs, targets, mask, weights))
 
 
 def _padded_batches(n: int, batch_size: int):
@@ -702,6 +731,21 @@ class Tuned:
         else:
             data_N = _hook_data(self.graphdef, self._states(0), examples, self.layer, hook_batch_size)
         return _eval(self.graphdef, self.trainable_M, self.frozen, data_N, self.layer, batch_size, progress)
+
+    def greedy_match(self, examples, *, batch_size: int = 8, hook_batch_size: int = 64,
+                     hooks: HookStates | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`train.greedy_match` of every model: (exact [M, N], token accuracy [M, N]), the frozen
+        trunk run once per example (or not at all with `hooks` of these examples)."""
+        if len(examples.inputs) == 0:
+            raise ValueError("examples is empty")
+        model_0 = nnx.merge(self.graphdef, *self._states(0))
+        models.check_examples(model_0.cfg, examples)
+        if hooks is not None:
+            _check_hooks(hooks, self.tune, examples)
+            data_N = hooks.data
+        else:
+            data_N = _hook_data(self.graphdef, self._states(0), examples, self.layer, hook_batch_size)
+        return _greedy(self.graphdef, self.trainable_M, self.frozen, data_N, self.layer, batch_size)
 
 
 def finetune_many(
@@ -827,13 +871,31 @@ def _eval(graphdef, state_M, frozen, data_N, layer: int, batch_size: int, progre
     return losses_MxN.astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _hits(state, batch, *, graphdef):
-    x, y, mask, weights = batch
-    logits = nnx.merge(graphdef, state)(x, mask)
-    counted = (weights > 0) if weights is not None else jnp.ones(y.shape, bool)
-    hit = (jnp.argmax(logits, axis=-1) == y) & counted
-    return hit.sum(axis=-1), counted.sum(axis=-1)
+@functools.partial(jax.jit, static_argnames=("graphdef", "layer"))
+def _hits_batch(state_M, frozen, data_N, idx_B, *, graphdef, layer=0):
+    """(hits [M, B], counted [M, B]) of every model: argmax of the logits equals the target."""
+    batch = take(data_N, idx_B)
+
+    def one(s):
+        logits, y, weights = _batch_logits(_merge(graphdef, s, frozen), batch, layer)
+        counted = (weights > 0) if weights is not None else jnp.ones(y.shape, bool)
+        return ((jnp.argmax(logits, axis=-1) == y) & counted).sum(axis=-1), counted.sum(axis=-1)
+
+    return jax.vmap(one)(state_M)
+
+
+def _greedy(graphdef, state_M, frozen, data_N, layer: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(exact [M, N], token accuracy [M, N]); about batch_size sequences of logits live at once."""
+    n = int(data_N[1].shape[0])
+    hits, counts = [], []
+    for idx, real in _padded_batches(n, max(1, batch_size // _n_models(state_M))):
+        h, c = _hits_batch(state_M, frozen, data_N, jnp.asarray(idx, jnp.int32), graphdef=graphdef, layer=layer)
+        hits.append(np.asarray(h)[:, :real])
+        counts.append(np.asarray(c)[:, :real])
+    hit_MxN, count_MxN = np.concatenate(hits, axis=1), np.concatenate(counts, axis=1)
+    if np.any(count_MxN[0] == 0):
+        raise ValueError(f"{int((count_MxN[0] == 0).sum())} examples have no counted target token")
+    return hit_MxN == count_MxN, (hit_MxN / count_MxN).astype(np.float32)
 
 
 def greedy_match(model: nnx.Module, examples, *, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -844,7 +906,7 @@ def greedy_match(model: nnx.Module, examples, *, batch_size: int = 8) -> tuple[n
     logits is the target token. Under causal attention the prediction at a position depends only
     on the tokens before it, so `exact` (every counted target a hit) is True exactly when greedy
     decoding from the unmasked prefix reproduces the target tokens, without a decoding loop.
-    Memory: batch_size x T x V logits at once.
+    Memory: batch_size x T x V logits at once. Many fine-tuned models: `Tuned.greedy_match`.
     """
     if len(examples.inputs) == 0:
         raise ValueError("examples is empty")
@@ -854,16 +916,9 @@ def greedy_match(model: nnx.Module, examples, *, batch_size: int = 8) -> tuple[n
     if not models.is_sequence_model(model):
         raise ValueError("greedy_match needs a sequence model (token inputs and next-token targets)")
     graphdef, state = nnx.split(model)
-    data_N = device_batch(examples)
-    hits, counts = [], []
-    for idx, real in _padded_batches(len(examples.inputs), batch_size):
-        h, c = _hits(state, take(data_N, idx), graphdef=graphdef)
-        hits.append(np.asarray(h)[:real])
-        counts.append(np.asarray(c)[:real])
-    hit_N, count_N = np.concatenate(hits), np.concatenate(counts)
-    if np.any(count_N == 0):
-        raise ValueError(f"{int((count_N == 0).sum())} examples have no counted target token")
-    return hit_N == count_N, (hit_N / count_N).astype(np.float32)
+    exact, acc = _greedy(graphdef, jax.tree.map(lambda x: x[None], state), None, device_batch(examples), 0,
+                         batch_size)
+    return exact[0], acc[0]
 
 
 def eval_loss(model: nnx.Module, examples, *, batch_size: int = 256) -> np.ndarray:

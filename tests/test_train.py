@@ -401,3 +401,51 @@ def test_greedy_match_is_greedy_decoding_without_a_loop():
     exact, acc = train.greedy_match(model, ex, batch_size=3)
     assert exact.tolist() == [True, False, False, True]
     np.testing.assert_allclose(acc, [1.0, 0.75, 0.75, 1.0])
+
+
+def test_tuned_greedy_match_equals_each_model_s():
+    """Tuned.greedy_match (all models at once, frozen trunk from hooks) equals greedy_match of
+    each fine-tuned model as a plain model."""
+    model = models.build(models.GPTConfig(vocab_size=V, seq_len=12, n_layers=3, d_model=32, n_heads=2), 3)
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, V, (10, 12)).astype(np.int32)
+    arr[:, 6:] = arr[0, 6:]  # one shared response: some models get some of it right
+    loss_mask = np.zeros((10, 11), np.float32)
+    loss_mask[:, 5:] = 1.0
+    ex = Examples(inputs=arr[:, :-1], targets=arr[:, 1:], ids=np.arange(10), loss_mask=loss_mask)
+    cfg = train.TrainConfig(learning_rate=3e-2, epochs=20.0, batch_size=4, scan_steps=5)
+    tune = train.Tune("top", layers=1)
+    tuned = train.finetune_many(model, ex, np.array([[0, 1, 2, 3], [4, 5, 6, 7], [0, 2, 4, 6]]),
+                                np.array([0, 1, 2]), cfg, tune, progress=False)
+    hooks = train.hook_states(model, tune, ex)
+    exact, acc = tuned.greedy_match(ex, batch_size=5, hooks=hooks)
+    exact2, acc2 = tuned.greedy_match(ex)
+    assert exact.shape == (3, 10) and 0 < acc.mean()
+    for i in range(3):
+        e, a = train.greedy_match(tuned.model(i), ex)
+        assert exact[i].tolist() == e.tolist() == exact2[i].tolist()
+        np.testing.assert_allclose(acc[i], a, atol=1e-6)
+        np.testing.assert_allclose(acc2[i], a, atol=1e-6)
+
+
+def test_counted_only_batches_give_the_same_losses_and_hits():
+    """A fine-tune batch keeps targets at counted positions only (the head read there): the
+    per-example loss, with hook states or inputs, equals the full-logits loss."""
+    model = models.build(models.GPTConfig(vocab_size=V, seq_len=12, n_layers=2, d_model=32, n_heads=2), 0)
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, V, (6, 12)).astype(np.int32)
+    loss_mask = np.zeros((6, 11), np.float32)
+    for i, (a, b) in enumerate([(8, 11), (5, 7), (9, 10), (3, 6), (10, 11), (6, 9)]):
+        loss_mask[i, a:b] = 1.0
+    loss_mask[1, 6] = 0.5  # a fractional weight is kept
+    ex = Examples(inputs=arr[:, :-1], targets=arr[:, 1:], ids=np.arange(6), loss_mask=loss_mask)
+    plain = train.device_batch(ex)
+    compact = train._counted_only(plain)
+    assert len(compact) == 5 and compact[1].shape == (6, 3)
+    for layer in (0, 1):
+        h = plain if layer == 0 else (model.trunk(plain[0], layer=1),) + plain[1:]
+        hc = compact if layer == 0 else (h[0],) + compact[1:]
+        np.testing.assert_allclose(np.asarray(train.batch_losses(model, hc, layer)),
+                                   np.asarray(train.batch_losses(model, h, layer)), rtol=1e-5, atol=1e-6)
+    assert train._counted_only(train.device_batch(Examples(inputs=arr[:, :-1], targets=arr[:, 1:],
+                                                           ids=np.arange(6)))) [1].shape == (6, 11)

@@ -211,8 +211,8 @@ def _data_selection(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, sco
                      len(idx), c.k)
             tuned = train_lib.finetune_many(start, p.train, idx, seeds, c.finetune, task.tune, progress=progress,
                                             desc=f"select {name}", hooks=hooks)
-            exact_MxT, acc_MxT = map(np.stack, zip(*(train_lib.greedy_match(tuned.model(i), test)
-                                                     for i in range(len(idx)))))
+            exact_MxT, acc_MxT = tuned.greedy_match(test, hooks=train_lib.hook_states(start, task.tune, test,
+                                                                                        like=hooks))
             cache.parent.mkdir(parents=True, exist_ok=True)
             store.save_npz(cache, {"exact": exact_MxT, "acc": acc_MxT})
         exact = {m: exact_MxT[i * c.seeds:(i + 1) * c.seeds] for i, m in enumerate(picks)}

@@ -367,7 +367,7 @@ def prepare(task: Task, out: str | Path, *, progress: bool = False, groundtruth:
     info = {"n_train": len(train), "n_val": len(val), "n_test": len(test), "params": _n_params(model),
             "base_test_loss": float(train_lib.eval_loss(model, queries)[test_cols].mean()),
             "base_train_loss": float(train_lib.eval_loss(model, train).mean()),
-            "logit_scale": logit_scale(model, train)}
+            "logit_scale": logit_scale(model, train, n=32 if isinstance(task, SFTTask) else 256)}
     if isinstance(task, ClassifierTask):
         info["base_test_accuracy"] = float((np.asarray(model(test.inputs)).argmax(-1) == test.targets).mean())
     return Prepared(task=task, train=train, queries=queries, val_cols=val_cols, test_cols=test_cols, model=model,

@@ -91,6 +91,11 @@ class SequenceModel:
 
     def rest(self, h_BxTxD: jax.Array, *, layer: int, mask: jax.Array | None = None) -> jax.Array:
         """Blocks[layer:], final norm and head: float32 logits [B, T, V]."""
+        return self.readout(self.rest_hidden(h_BxTxD, layer=layer, mask=mask)).astype(jnp.float32)
+
+    def rest_hidden(self, h_BxTxD: jax.Array, *, layer: int, mask: jax.Array | None = None) -> jax.Array:
+        """Blocks[layer:] only: the final residual stream [B, T, D] (float32), before `readout`
+        (position-wise, so the head can be read at a subset of positions)."""
         check_layer(layer, self.n_layers)
         if h_BxTxD.ndim != 3 or h_BxTxD.shape[-1] != self.cfg.d_model:
             raise ValueError(f"expected h of shape [B, T, {self.cfg.d_model}], got {h_BxTxD.shape}")
@@ -99,7 +104,7 @@ class SequenceModel:
         h_BxTxD = h_BxTxD.astype(jnp.float32)
         for block in self.blocks[layer:]:
             h_BxTxD = block(h_BxTxD, mask)
-        return self.readout(h_BxTxD).astype(jnp.float32)
+        return h_BxTxD
 
     def __call__(self, inputs_BxT: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         return self.rest(self.trunk(inputs_BxT, layer=0, mask=mask), layer=0, mask=mask)
