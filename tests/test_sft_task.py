@@ -303,7 +303,8 @@ def test_data_selection_run_picks_in_task_records_and_fine_tunes_them(files, tmp
         assert em["pretrained"] == 0.0 and em["in-task"] == 1.0 and em["bm25"] == 1.0  # the constant answer learnt
         assert e["exact_match"]["bm25"]["vs_random"]["diff"] >= 0
     md = (tmp_path / "run" / "selection_tiny.md").read_text()
-    assert "## Data selection" in md and "all targets" in md
+    assert "## Data selection" in md and "all targets" in md and "test loss" in md
+    assert zebra["loss"]["in-task"]["mean"] < zebra["loss"]["pretrained"]["mean"]
     # a rerun reads the cached fine-tunes
     cached = sorted((tmp_path / "run" / "data_selection").glob("*.npz"))
     assert len(cached) == 2

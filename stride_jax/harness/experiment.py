@@ -198,12 +198,12 @@ def _data_selection(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, sco
         test = splits["test"]
         idx = np.concatenate(list(picks.values())).astype(np.int32)
         seeds = np.tile(c.seed + np.arange(c.seeds), len(picks))
-        key = store.fingerprint([to_dict(c), to_dict(task.finetune), to_dict(task.tune), p.train.content_hash(),
+        key = store.fingerprint(["exact, accuracy, loss", to_dict(c), to_dict(task.finetune), to_dict(task.tune), p.train.content_hash(),
                                  test.content_hash(), store.digest([idx, seeds]), models.param_digest(start)])
         cache = run_dir / "data_selection" / f"{name}-{key[:12]}.npz"
         if cache.exists():
             z = store.load_npz(cache)
-            exact_MxT, acc_MxT = z["exact"], z["acc"]
+            exact_MxT, acc_MxT, loss_MxT = z["exact"], z["acc"], z["loss"]
         else:
             if hooks is None:
                 hooks = train_lib.hook_states(start, task.tune, p.train)
@@ -211,21 +211,26 @@ def _data_selection(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, sco
                      len(idx), c.k)
             tuned = train_lib.finetune_many(start, p.train, idx, seeds, c.finetune, task.tune, progress=progress,
                                             desc=f"select {name}", hooks=hooks)
-            exact_MxT, acc_MxT = tuned.greedy_match(test, hooks=train_lib.hook_states(start, task.tune, test,
-                                                                                        like=hooks))
+            test_hooks = train_lib.hook_states(start, task.tune, test, like=hooks)
+            exact_MxT, acc_MxT = tuned.greedy_match(test, hooks=test_hooks)
+            loss_MxT = tuned.eval_losses(test, hooks=test_hooks)
             cache.parent.mkdir(parents=True, exist_ok=True)
-            store.save_npz(cache, {"exact": exact_MxT, "acc": acc_MxT})
-        exact = {m: exact_MxT[i * c.seeds:(i + 1) * c.seeds] for i, m in enumerate(picks)}
-        acc = {m: acc_MxT[i * c.seeds:(i + 1) * c.seeds] for i, m in enumerate(picks)}
+            store.save_npz(cache, {"exact": exact_MxT, "acc": acc_MxT, "loss": loss_MxT})
+        rows = lambda a: {m: a[i * c.seeds:(i + 1) * c.seeds] for i, m in enumerate(picks)}
+        exact, acc, loss = rows(exact_MxT), rows(acc_MxT), rows(loss_MxT)
         if "pretrained" in c.references:
             e0, a0 = train_lib.greedy_match(start, test)
-            exact["pretrained"], acc["pretrained"] = np.tile(e0, (c.seeds, 1)), np.tile(a0, (c.seeds, 1))
+            tile = lambda a: np.tile(a, (c.seeds, 1))
+            exact["pretrained"], acc["pretrained"] = tile(e0), tile(a0)
+            loss["pretrained"] = tile(train_lib.eval_loss(start, test))
         out.append({"cell": cell, "target": name, "k": c.k, "pool": len(p.train), "in_task_records": len(in_task),
                     "val_queries": len(val_cols), "test_records": len(test),
                     "in_task_fraction": {m: float((pool_target[v] == t).mean()) for m, v in picks.items()},
                     "exact_match": sel.bootstrap_means(exact, n_boot=c.n_boot),
                     "token_accuracy": sel.bootstrap_means(acc, n_boot=c.n_boot),
-                    "hits": {m: np.asarray(v, np.int8).tolist() for m, v in exact.items()}})
+                    "loss": sel.bootstrap_means(loss, n_boot=c.n_boot),
+                    "hits": {m: np.asarray(v, np.int8).tolist() for m, v in exact.items()},
+                    "losses": {m: np.round(np.asarray(v, np.float64), 5).tolist() for m, v in loss.items()}})
         log.info("[%s] data selection %s: %s", cell or cfg.name, name,
                  ", ".join(f"{m} {r['mean']:.3f}" for m, r in out[-1]["exact_match"].items()))
     return out

@@ -249,13 +249,13 @@ def _contamination_markdown(ct: dict[str, Any]) -> list[str]:
     return lines
 
 
-def selection_overall(entries: list[dict[str, Any]], n_boot: int = 1000) -> dict[str, dict[str, Any]]:
-    """Exact match over every target of the cell (records concatenated: targets weighted by
-    their test records), for the methods every target has."""
+def selection_overall(entries: list[dict[str, Any]], n_boot: int = 1000, key: str = "hits") -> dict[str, dict[str, Any]]:
+    """Exact match (`key` "hits") or test loss ("losses") over every target of the cell (records
+    concatenated: targets weighted by their test records), for the methods every target has."""
     from stride_jax.harness.selection import bootstrap_means
 
-    names = [m for m in entries[0]["hits"] if all(m in e["hits"] for e in entries)]
-    return bootstrap_means({m: np.concatenate([np.asarray(e["hits"][m]) for e in entries], axis=1) for m in names},
+    names = [m for m in entries[0][key] if all(m in e[key] for e in entries)]
+    return bootstrap_means({m: np.concatenate([np.asarray(e[key][m]) for e in entries], axis=1) for m in names},
                            n_boot=n_boot)
 
 
@@ -270,16 +270,18 @@ def _selection_markdown(entries: list[dict[str, Any]], c: dict[str, Any]) -> lis
              "in-task: k of the target's own train records (a perfect selector); pretrained: no fine-tune. "
              "Interval: 95% bootstrap over seeds and test records; vs random: the paired difference, its interval "
              "and the share of bootstrap draws where the method is not above random. in-task share: the fraction "
-             "of the selection that is the target's own train records.", ""]
+             "of the selection that is the target's own train records. Test loss: the response-token loss on the "
+             "test records (lower is better).", ""]
     names = list(dict.fromkeys(m for e in entries for m in e["exact_match"]))
     cells = list(dict.fromkeys(e["cell"] for e in entries))
     for cell in cells:
         es = [e for e in entries if e["cell"] == cell]
         overall = selection_overall(es, c.get("n_boot", 1000))
+        losses = selection_overall(es, c.get("n_boot", 1000), "losses") if all("losses" in e for e in es) else {}
         head = [f"{e['target']} ({e['test_records']} test)" for e in es] + ["all targets"]
         lines += [f"Cell {_cell_label(cell)}:" if len(cells) > 1 else "", "",
-                  "| method | " + " | ".join(head) + " | vs random (all) | in-task share |",
-                  "|---|" + "---|" * (len(head) + 2)]
+                  "| method | " + " | ".join(head) + " | vs random (all) | in-task share | test loss (all) |",
+                  "|---|" + "---|" * (len(head) + 3)]
 
         def fmt(r: dict[str, Any] | None) -> str:
             return "-" if r is None else f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
@@ -291,7 +293,8 @@ def _selection_markdown(entries: list[dict[str, Any]], c: dict[str, Any]) -> lis
             lines.append(f"| {m} | " + " | ".join(fmt(e["exact_match"].get(m)) for e in es) + f" | {fmt(o)} | "
                          + ("-" if vs is None else f"{vs['diff']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}], "
                                                    f"p {vs['p_not_above']:.3f}") + " | "
-                         + " / ".join("-" if s is None else f"{s:.2f}" for s in share) + " |")
+                         + " / ".join("-" if s is None else f"{s:.2f}" for s in share) + " | "
+                         + fmt(losses.get(m)) + " |")
     return lines
 
 
