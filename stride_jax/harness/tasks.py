@@ -378,7 +378,12 @@ def prepare(task: Task, out: str | Path, *, progress: bool = False, groundtruth:
 def logit_scale(model: Any, examples: data_lib.Examples, n: int = 256) -> float:
     """RMS over (the first n) examples, positions and classes of the base model's logits, each
     centred over the classes: how large the operators' logit shifts must be to matter."""
-    logits = np.asarray(model(examples.inputs[:n], None if examples.mask is None else examples.mask[:n]))
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, x, m: nnx.merge(graphdef, s)(x, m))  # one compile, not op-by-op dispatch
+    logits = np.asarray(forward(state, examples.inputs[:n], None if examples.mask is None else examples.mask[:n]))
     return float(np.sqrt(np.mean(np.square(logits - logits.mean(axis=-1, keepdims=True)))))
 
 
