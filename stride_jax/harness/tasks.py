@@ -165,9 +165,13 @@ def _targets_data(task: SFTTask, pool: data_lib.Examples, tok: Any) -> tuple[dat
     d, t = task.data, task.data.targets
     parts = [pool]
     if t.mix:
-        for i, pairs in enumerate(_evals_pairs(t.mix, 0, d.seed)):
-            ex = data_lib.instruction_examples(pairs, tok, d.seq_len, min_response_tokens=d.min_response_tokens,
-                                               seed=d.seed, chat_template=d.chat_template, limit=t.mix_per_task)
+        for i, (name, pairs) in enumerate(zip(t.mix, _evals_pairs(t.mix, 0, d.seed))):
+            try:
+                ex = data_lib.instruction_examples(pairs, tok, d.seq_len, min_response_tokens=d.min_response_tokens,
+                                                   seed=d.seed, chat_template=d.chat_template, limit=t.mix_per_task)
+            except ValueError:  # no record of this task fits: the mix is "the records that fit"
+                log.warning("targets.mix: no record of %r fits seq_len %d; it adds nothing", name, d.seq_len)
+                continue
             parts.append(dataclasses.replace(ex, ids=MIX_ID + 10**4 * i + np.arange(len(ex))))
     splits = target_splits(task)
     train = data_lib.concat(*parts, *(s["train"] for s in splits))
