@@ -723,13 +723,7 @@ class Tuned:
                     progress: bool = False, hooks: HookStates | None = None) -> np.ndarray:
         """Per-example loss [M, N] of every model; the frozen trunk runs once per example (or
         not at all with `hooks`, `hook_states` of these examples for the same start and tune)."""
-        model_0 = nnx.merge(self.graphdef, *self._states(0))
-        models.check_examples(model_0.cfg, examples)
-        if hooks is not None:
-            _check_hooks(hooks, self.tune, examples)
-            data_N = hooks.data
-        else:
-            data_N = _hook_data(self.graphdef, self._states(0), examples, self.layer, hook_batch_size)
+        data_N = self._data(examples, hooks, hook_batch_size)
         return _eval(self.graphdef, self.trainable_M, self.frozen, data_N, self.layer, batch_size, progress)
 
     def greedy_match(self, examples, *, batch_size: int = 8, hook_batch_size: int = 64,
@@ -738,14 +732,17 @@ class Tuned:
         trunk run once per example (or not at all with `hooks` of these examples)."""
         if len(examples.inputs) == 0:
             raise ValueError("examples is empty")
+        data_N = self._data(examples, hooks, hook_batch_size)
+        return _greedy(self.graphdef, self.trainable_M, self.frozen, data_N, self.layer, batch_size)
+
+    def _data(self, examples, hooks: HookStates | None, hook_batch_size: int):
+        """The device batch the trained part reads: `hooks.data` (checked) or the trunk run here."""
         model_0 = nnx.merge(self.graphdef, *self._states(0))
         models.check_examples(model_0.cfg, examples)
         if hooks is not None:
             _check_hooks(hooks, self.tune, examples)
-            data_N = hooks.data
-        else:
-            data_N = _hook_data(self.graphdef, self._states(0), examples, self.layer, hook_batch_size)
-        return _greedy(self.graphdef, self.trainable_M, self.frozen, data_N, self.layer, batch_size)
+            return hooks.data
+        return _hook_data(self.graphdef, self._states(0), examples, self.layer, hook_batch_size)
 
 
 def finetune_many(
