@@ -263,3 +263,17 @@ def test_results_of_other_cells_are_kept_when_running_some_cells():
     cfg, whole = cli._experiment(args, whole=True)
     assert len(whole.cells) == 5 and len(cfg.cells) == 1
     assert cli._experiment(cli.build_parser().parse_args(["run", str(CONFIGS / "nk_regime.yaml")]), whole=True)[1] is None
+
+
+def test_a_conflicting_results_file_stops_a_cells_run_before_any_work(tmp_path, monkeypatch):
+    """`--cells` with a results file written by another version of the config: the ValueError
+    comes before the ground truth is prepared (it used to come after hours of work)."""
+    from stride_jax.harness import experiment
+
+    args = cli.build_parser().parse_args(["run", str(CONFIGS / "nk_regime.yaml"), "--cells", "0.2M-n768"])
+    cfg, whole = cli._experiment(args, whole=True)
+    earlier = {"config": {**whole.to_dict(), "n_boot": -1}, "cells": [], "rows": []}
+    (tmp_path / f"{cfg.name}.json").write_text(json.dumps(earlier))
+    monkeypatch.setattr(experiment.tasks_lib, "prepare", lambda *a, **k: pytest.fail("prepared before the check"))
+    with pytest.raises(ValueError, match="another version"):
+        experiment.run(cfg, tmp_path / "out", tmp_path, progress=False, full=whole)

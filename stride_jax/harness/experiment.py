@@ -186,7 +186,7 @@ def _data_selection(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, sco
     query_target = tasks_lib.target_of(p.queries.ids)
     hooks = None
     out = []
-    for t, (name, splits) in enumerate(zip(task.data.targets.tasks, tasks_lib.target_splits(task))):
+    for t, (name, splits) in enumerate(zip(task.data.targets.tasks, p.targets)):
         val_cols = p.val_cols[query_target[p.val_cols] == t]
         in_task = np.flatnonzero(pool_target == t)
         picks: dict[str, np.ndarray] = {}  # name -> [seeds, k] pool rows
@@ -309,6 +309,9 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
     results_dir = Path(results_dir) if results_dir is not None else out
     command = command or f"stride-jax run <config> --out {out}"
     t_start = time.perf_counter()
+    earlier = _earlier(results_dir, cfg.name) if full is not None else None
+    if earlier is not None:  # before hours of work, not when the results are written
+        report_lib.check_earlier(earlier, full.to_dict())
     with store.Lock(out):
         report: dict[str, Any] = {"rows": [], "variants": [], "selection": [], "cells": [], "counterfactual": [],
                                   "examples": [], "qualitative": [], "contamination": [], "data_selection": [],
@@ -363,7 +366,7 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
                 report["examples"] += _examples(p, cell, name, scored[name], cfg.show_examples)
         report["cost_n"] = _cost_n(cfg, out, progress) if cfg.cost_n is not None else []
         report["wall_seconds_this_invocation"] = round(time.perf_counter() - t_start, 1)
-        earlier = _earlier(results_dir, cfg.name) if full is not None else None
+        earlier = _earlier(results_dir, cfg.name) if full is not None else None  # again: another run may have written it
         if earlier is not None:
             report = report_lib.merge_earlier(report, earlier, full.to_dict())
         report_lib.write(report, results_dir, command)

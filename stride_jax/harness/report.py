@@ -416,13 +416,10 @@ def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def merge_earlier(report: dict[str, Any], earlier: dict[str, Any], full_config: dict[str, Any]) -> dict[str, Any]:
-    """`report` (a run of some of `full_config`'s cells) with the entries of the other cells kept
-    from `earlier` (the results file's previous version), in the config's cell order.
-
-    Raises ValueError when `earlier` was written by a different experiment: a setting present
-    in both configs (cells and methods aside) with different values. Settings only one of them
-    has (a field added to the library since) do not count.
+def check_earlier(earlier: dict[str, Any], full_config: dict[str, Any]) -> None:
+    """Raises ValueError when `earlier` (a results file) was written by a different experiment
+    than `full_config`: another name, or a setting present in both configs (cells and methods
+    aside) with different values. Settings only one of them has (a field added since) do not count.
     """
     if earlier.get("config", {}).get("name") != full_config["name"]:
         raise ValueError(f"the results file holds experiment {earlier.get('config', {}).get('name')!r}, "
@@ -433,6 +430,13 @@ def merge_earlier(report: dict[str, Any], earlier: dict[str, Any], full_config: 
     if differ:
         raise ValueError(f"the results file was written by another version of {full_config['name']!r} "
                          f"(differs in {differ[:5]}); write this run elsewhere (--results)")
+
+
+def merge_earlier(report: dict[str, Any], earlier: dict[str, Any], full_config: dict[str, Any]) -> dict[str, Any]:
+    """`report` (a run of some of `full_config`'s cells) with the entries of the other cells kept
+    from `earlier` (the results file's previous version), in the config's cell order; ValueError
+    from `check_earlier` when `earlier` was written by a different experiment."""
+    check_earlier(earlier, full_config)
     now = {c["cell"] for c in report["cells"]}
     order = {c["name"]: i for i, c in enumerate(full_config.get("cells", []))}
     merged = dict(report)

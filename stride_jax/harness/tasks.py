@@ -43,6 +43,7 @@ class Prepared:
     groundtruth: dict[float, tuple[np.ndarray, np.ndarray]]  # alpha -> (subsets [M, Ns], losses [M, R, Q])
     info: dict[str, Any]
     seconds: dict[str, float]
+    targets: tuple[dict[str, data_lib.Examples], ...] = ()  # a data-selection task's `target_splits`
 
     def cols(self, split: str) -> np.ndarray:
         return self.test_cols if split == "test" else self.val_cols
@@ -160,8 +161,10 @@ def target_splits(task: SFTTask) -> list[dict[str, data_lib.Examples]]:
     return out
 
 
-def _targets_data(task: SFTTask, pool: data_lib.Examples, tok: Any) -> tuple[data_lib.Examples, ...]:
-    """(pool + mix + targets' train records; targets' validation records; first test record of each)."""
+def _targets_data(task: SFTTask, pool: data_lib.Examples, tok: Any,
+                  splits: list[dict[str, data_lib.Examples]]) -> tuple[data_lib.Examples, ...]:
+    """(pool + mix + targets' train records; targets' validation records; first test record of
+    each), `splits` being `target_splits(task)`."""
     d, t = task.data, task.data.targets
     parts = [pool]
     if t.mix:
@@ -173,7 +176,6 @@ def _targets_data(task: SFTTask, pool: data_lib.Examples, tok: Any) -> tuple[dat
                 log.warning("targets.mix: no record of %r fits seq_len %d; it adds nothing", name, d.seq_len)
                 continue
             parts.append(dataclasses.replace(ex, ids=MIX_ID + 10**4 * i + np.arange(len(ex))))
-    splits = target_splits(task)
     train = data_lib.concat(*parts, *(s["train"] for s in splits))
     return (train, data_lib.concat(*(s["val"] for s in splits)),
             data_lib.concat(*(s["test"][np.arange(1)] for s in splits)))
@@ -237,7 +239,7 @@ def _inject(task: SFTTask, pool: data_lib.Examples, tok: Any) -> tuple[data_lib.
     return both, val, test
 
 
-def _sft_data(task: SFTTask) -> tuple[data_lib.Examples, data_lib.Examples, data_lib.Examples]:
+def _sft_data(task: SFTTask, splits: Any = None) -> tuple[data_lib.Examples, data_lib.Examples, data_lib.Examples]:
     d = task.data
     _, tok = pretrained(task.model.path, task.model.dtype)
     pairs = _sft_records(d)
@@ -246,7 +248,7 @@ def _sft_data(task: SFTTask) -> tuple[data_lib.Examples, data_lib.Examples, data
                                            seed=d.seed, chat_template=d.chat_template, limit=d.n_train)
         if len(ex) < d.n_train:
             raise ValueError(f"{d.source}: only {len(ex)} records fit seq_len {d.seq_len}; n_train is {d.n_train}")
-        return _inject(task, ex, tok) if d.inject is not None else _targets_data(task, ex, tok)
+        return _inject(task, ex, tok) if d.inject is not None else _targets_data(task, ex, tok, splits or target_splits(task))
     need = d.n_train + d.val_queries + d.test_queries
     ex = data_lib.instruction_examples(pairs, tok, d.seq_len, min_response_tokens=d.min_response_tokens, seed=d.seed,
                                        chat_template=d.chat_template, limit=need)  # ids: record indices
@@ -258,10 +260,12 @@ def _sft_data(task: SFTTask) -> tuple[data_lib.Examples, data_lib.Examples, data
     return ex[np.arange(a)], ex[np.arange(a, b)], ex[np.arange(b, need)]
 
 
-def load_data(task: Task) -> tuple[data_lib.Examples, data_lib.Examples, data_lib.Examples]:
-    """(train pool, validation queries, test queries)."""
+def load_data(task: Task, *, target_splits: Any = None) -> tuple[data_lib.Examples, data_lib.Examples,
+                                                                 data_lib.Examples]:
+    """(train pool, validation queries, test queries); `target_splits`: those of a data-selection
+    task when already read (else read here)."""
     if isinstance(task, SFTTask):
-        return _sft_data(task)
+        return _sft_data(task, target_splits)
     if isinstance(task, LMTask):
         d = task.data
         kw = dict(seq_len=d.seq_len, sources=d.sources, seed=d.seed)
@@ -345,7 +349,8 @@ def prepare(task: Task, out: str | Path, *, progress: bool = False, groundtruth:
     out = store.check_writable_dir(out, "run directory")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    train, val, test = load_data(task)
+    targets = tuple(target_splits(task)) if isinstance(task, SFTTask) and task.data.targets is not None else ()
+    train, val, test = load_data(task, target_splits=targets or None)
     queries = data_lib.concat(val, test)
     seconds["data"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -378,7 +383,7 @@ def prepare(task: Task, out: str | Path, *, progress: bool = False, groundtruth:
     if isinstance(task, ClassifierTask):
         info["base_test_accuracy"] = float((np.asarray(model(test.inputs)).argmax(-1) == test.targets).mean())
     return Prepared(task=task, train=train, queries=queries, val_cols=val_cols, test_cols=test_cols, model=model,
-                    train_cfg=train_config(task), groundtruth=gts, info=info, seconds=seconds)
+                    train_cfg=train_config(task), groundtruth=gts, info=info, seconds=seconds, targets=targets)
 
 
 def logit_scale(model: Any, examples: data_lib.Examples, n: int = 256) -> float:
