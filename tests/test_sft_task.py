@@ -313,6 +313,32 @@ def test_data_selection_run_picks_in_task_records_and_fine_tunes_them(files, tmp
     assert report_lib.markdown(report, "cmd")
 
 
+def test_targets_may_be_a_user_s_own_files_without_the_evals_registry(files, tmp_path, monkeypatch):
+    """A target or mix task given as a .jsonl file or a folder of them is read from there; the
+    evals wheel is not fetched when no registry task is named; a name that is neither is a
+    clear error."""
+    from stride_jax import downloads
+
+    own = _evals_fixture(tmp_path / "own", {"zebra": ("zebra", "yes"), "mixer": ("mixer", "0")}) / "evals/registry/data"
+    real_fetch = downloads.fetch
+    monkeypatch.setattr(downloads, "fetch", lambda name, *a, **kw: pytest.fail("fetched evals") if name == "evals"
+                        else real_fetch(name, *a, **kw))
+    gguf, pairs = files
+    cfg = _config(gguf, pairs)
+    cfg.pop("variants"), cfg.pop("select")
+    cfg["task"].update(groundtruth=None)
+    cfg["task"]["data"].update(n_train=16, test_queries=1, min_response_tokens=2,
+                               targets={"tasks": [str(own / "zebra" / "samples.jsonl")], "train": 8, "val": 3,
+                                        "test": 10, "mix": [str(own / "mixer")], "mix_per_task": 6})
+    task = ExperimentConfig.from_dict(cfg).task
+    train, val, test = tasks.load_data(task)
+    assert (tasks.target_of(train.ids) == 0).sum() == 8 and sum("mixer" in t for t in train.texts) == 6
+    assert all("zebra" in t for t in val.texts) and len(test) == 1
+    cfg["task"]["data"]["targets"]["tasks"] = [str(tmp_path / "missing.jsonl")]
+    with pytest.raises(ValueError, match="missing.jsonl': no such file or folder"):
+        tasks.load_data(ExperimentConfig.from_dict(cfg).task)
+
+
 def test_selection_helpers():
     from stride_jax.harness import selection as sel
 

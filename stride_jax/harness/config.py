@@ -129,11 +129,13 @@ class Inject:
 
 @dataclasses.dataclass(frozen=True)
 class Targets:
-    """Data-selection targets (the `data_selection` section): OpenAI-evals tasks, each split
+    """Data-selection targets (the `data_selection` section): tasks (OpenAI-evals registry
+    names, or paths to a .json / .jsonl file or folder of records in any layout
+    `data.read_instruction_pairs` reads), each split
     (exact duplicates and records that do not fit dropped, shuffled with the data seed) into
     `train` records added to the pool (the in-task candidates), `val` records (the validation
     queries methods score the pool against) and `test` records (held out, never attributed:
-    the exact match of the fine-tunes on a selection). `mix`: further evals tasks, `mix_per_task`
+    the exact match of the fine-tunes on a selection). `mix`: further tasks, `mix_per_task`
     records each, added to the pool (a FLAN-like mix). The pool is `n_train` records of the
     task's `source`, then the mix, then the targets' train records. The harness's test queries
     are the first test record of each target (attributed, read by no selection)."""

@@ -103,16 +103,44 @@ def pretrained(path: str, dtype: str = "float32") -> tuple[Any, Any]:
     return load_model(path, dtype=dtype)
 
 
+def _is_path(name: str) -> bool:
+    """A task name meant as a file or folder (an evals registry name is a bare folder name)."""
+    return Path(name).suffix in (".json", ".jsonl") or "/" in name or Path(name).exists()
+
+
+def _task_files(name: str, root: Path | None) -> list[Path]:
+    """The record files of one task: a user's .json / .jsonl file or folder of them, else the
+    OpenAI-evals registry task `name` under `root` (few-shot files left out)."""
+    path = Path(name)
+    if path.suffix in (".json", ".jsonl") and path.is_file():
+        return [path]
+    if _is_path(name) and not path.exists():
+        raise ValueError(f"task {name!r}: no such file or folder")
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.suffix in (".json", ".jsonl"))
+        if not files:
+            raise ValueError(f"task {name!r}: the folder has no .json / .jsonl files")
+        return files
+    if root is None or not (root / name).is_dir():
+        raise ValueError(f"task {name!r} is neither a .json / .jsonl file or folder nor an OpenAI-evals "
+                         "registry task" + (f" (none under {root})" if root is not None else ""))
+    files = sorted(f for f in (root / name).rglob("*.jsonl") if "few_shot" not in f.name)
+    if not files:
+        raise ValueError(f"evals task {name!r} has no sample files under {root / name}")
+    return files
+
+
 def _evals_pairs(tasks: Any, per_task: int, seed: int) -> list[list[tuple[str, str]]]:
-    """Per OpenAI-evals task, `per_task` (0 = all) of its distinct records, shuffled with `seed`."""
+    """Per task (an OpenAI-evals registry name, or a path to a .json / .jsonl file or a folder of
+    them), `per_task` (0 = all) of its distinct records, shuffled with `seed`. The evals wheel is
+    fetched only when a registry task is named."""
     from stride_jax import downloads
 
-    root = downloads.fetch("evals", only=list(tasks)) / "evals" / "registry" / "data"
+    registry = [t for t in tasks if not _is_path(t)]
+    root = downloads.fetch("evals", only=registry) / "evals" / "registry" / "data" if registry else None
     out = []
     for i, name in enumerate(tasks):
-        files = sorted(f for f in (root / name).rglob("*.jsonl") if "few_shot" not in f.name)
-        if not files:
-            raise ValueError(f"evals task {name!r} has no sample files under {root / name}")
+        files = _task_files(name, root)
         task_pairs = list(dict.fromkeys(p for f in files for p in data_lib.read_instruction_pairs(f)))
         order = np.random.default_rng([seed, i]).permutation(len(task_pairs))
         out.append([task_pairs[j] for j in (order[:per_task] if per_task else order)])
