@@ -109,24 +109,21 @@ def _is_path(name: str) -> bool:
 
 
 def _task_files(name: str, root: Path | None) -> list[Path]:
-    """The record files of one task: a user's .json / .jsonl file or folder of them, else the
-    OpenAI-evals registry task `name` under `root` (few-shot files left out)."""
+    """The record files of one task: a user's .json / .jsonl file or folder of them (see
+    `_is_path`), else the OpenAI-evals registry task `name` under `root` (few-shot files left out)."""
     path = Path(name)
-    if path.suffix in (".json", ".jsonl") and path.is_file():
-        return [path]
-    if _is_path(name) and not path.exists():
-        raise ValueError(f"task {name!r}: no such file or folder")
-    if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.suffix in (".json", ".jsonl"))
+    if not _is_path(name):
+        files = sorted(f for f in (root / name).rglob("*.jsonl") if "few_shot" not in f.name)
         if not files:
-            raise ValueError(f"task {name!r}: the folder has no .json / .jsonl files")
+            raise ValueError(f"evals task {name!r} has no sample files under {root / name}")
         return files
-    if root is None or not (root / name).is_dir():
-        raise ValueError(f"task {name!r} is neither a .json / .jsonl file or folder nor an OpenAI-evals "
-                         "registry task" + (f" (none under {root})" if root is not None else ""))
-    files = sorted(f for f in (root / name).rglob("*.jsonl") if "few_shot" not in f.name)
+    if not path.exists():
+        raise ValueError(f"task {name!r}: no such file or folder")
+    if not path.is_dir():
+        return [path]
+    files = sorted(f for f in path.rglob("*") if f.suffix in (".json", ".jsonl"))
     if not files:
-        raise ValueError(f"evals task {name!r} has no sample files under {root / name}")
+        raise ValueError(f"task {name!r}: the folder has no .json / .jsonl files")
     return files
 
 
