@@ -378,9 +378,9 @@ def test_greedy_match_is_greedy_decoding_without_a_loop():
     rng = np.random.default_rng(0)
     prompt_len, resp_len = 7, 4
 
-    def greedy(prefix):
+    def greedy(prefix, steps=resp_len):
         seq = list(prefix)
-        for _ in range(resp_len):
+        for _ in range(steps):
             logits = np.asarray(model(jnp.asarray([seq + [0] * (12 - len(seq))], jnp.int32)))
             seq.append(int(logits[0, len(seq) - 1].argmax()))
         return seq
@@ -394,13 +394,16 @@ def test_greedy_match_is_greedy_decoding_without_a_loop():
             seq = greedy(seq[:prompt_len] + [(seq[prompt_len] + 1) % V])[: prompt_len + 1] + \
                 greedy(seq[:prompt_len] + [(seq[prompt_len] + 1) % V])[prompt_len + 1: prompt_len + resp_len]
         seqs.append(seq)
+    # the prompt itself greedy too (its predictions are hits but not counted), the last response token wrong
+    seq = greedy([3], prompt_len + resp_len - 1)
+    seqs.append(seq[:-1] + [(seq[-1] + 1) % V])
     arr = np.asarray(seqs, np.int32)
-    loss_mask = np.zeros((4, 10), np.float32)
+    loss_mask = np.zeros((5, 10), np.float32)
     loss_mask[:, prompt_len - 1:] = 1.0  # targets at positions prompt_len-1 .. are the response
-    ex = Examples(inputs=arr[:, :-1], targets=arr[:, 1:], ids=np.arange(4), loss_mask=loss_mask)
+    ex = Examples(inputs=arr[:, :-1], targets=arr[:, 1:], ids=np.arange(5), loss_mask=loss_mask)
     exact, acc = train.greedy_match(model, ex, batch_size=3)
-    assert exact.tolist() == [True, False, False, True]
-    np.testing.assert_allclose(acc, [1.0, 0.75, 0.75, 1.0])
+    assert exact.tolist() == [True, False, False, True, False]
+    np.testing.assert_allclose(acc, [1.0, 0.75, 0.75, 1.0, 0.75])
 
 
 def test_tuned_greedy_match_equals_each_model_s():
