@@ -289,6 +289,7 @@ def test_data_selection_run_picks_in_task_records_and_fine_tunes_them(files, tmp
     assert len(train) == 16 + 6 + 2 * 8 and (target == 0).sum() == 8 and (target == 1).sum() == 8
     assert sum("mixer" in t for t in train.texts) == 6
     assert list(tasks.target_of(val.ids)) == [0] * 3 + [1] * 3 and list(tasks.target_of(test.ids)) == [0, 1]
+    assert not set(val.texts) & set(train.texts)  # the queries are not candidates
     held_out = tasks.target_splits(task)
     seen = set(train.texts) | set(val.texts)
     assert all(t not in seen for s in held_out for t in s["test"].texts)  # test records are never in the pool
@@ -302,6 +303,8 @@ def test_data_selection_run_picks_in_task_records_and_fine_tunes_them(files, tmp
         em = {m: r["mean"] for m, r in e["exact_match"].items()}
         assert em["pretrained"] == 0.0 and em["in-task"] == 1.0 and em["bm25"] == 1.0  # the constant answer learnt
         assert e["exact_match"]["bm25"]["vs_random"]["diff"] >= 0
+        # each row is its own picks' fine-tunes: random's few in-task records leave a higher test loss
+        assert e["loss"]["random"]["mean"] > e["loss"]["in-task"]["mean"] + 0.1
     md = (tmp_path / "run" / "selection_tiny.md").read_text()
     assert "## Data selection" in md and "all targets" in md and "test loss" in md
     assert zebra["loss"]["in-task"]["mean"] < zebra["loss"]["pretrained"]["mean"]
