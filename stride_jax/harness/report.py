@@ -227,7 +227,7 @@ def _contamination_markdown(ct: dict[str, Any]) -> list[str]:
              "response-token loss):", "",
              "| model | exact match leaked | exact match clean | token accuracy leaked / clean | loss leaked / clean |",
              "|---|---|---|---|---|"]
-    for name, m in ct["memorisation"].items():
+    for name, m in sorted(ct["memorisation"].items(), key=lambda kv: kv[0] != "loaded model"):  # before, after
         lk, cl = m["leaked"], m["clean"]
         lines.append(f"| {name} | {lk['exact_match']:.3f} ({lk['n']}) | {cl['exact_match']:.3f} ({cl['n']}) | "
                      f"{lk['token_accuracy']:.3f} / {cl['token_accuracy']:.3f} | {lk['loss']:.3f} / {cl['loss']:.3f} |")
