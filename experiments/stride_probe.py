@@ -18,7 +18,9 @@ subsets stand out too.
     PYTHONPATH=. python experiments/stride_probe.py experiments/configs/contamination.yaml \
         --out runs/contamination --cell exact-1.5% --results experiments/results
     # a longer fit, in its own folder of the run (the run's stores are not touched):
-    ... --fit steps=400 --name steps-400
+    ... --fit steps=400 --name 'steps 400'
+    # the fit of another STRIDE row of the config:
+    ... --cell near-1.5% --method stride-400
 
 Writes `<results>/stride_probe.json` (entries keyed by cell and name, merged with earlier ones)
 and `stride_probe.md`.
@@ -91,19 +93,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool-queries", type=int, default=16, help="pool examples measured as queries")
     ap.add_argument("--fit", nargs="*", default=[], metavar="KEY=VALUE",
                     help="fit overrides (a new fit in <out>/<cell>/probe/<name>)")
-    ap.add_argument("--name", default="as run", help="this probe's name in the results")
+    ap.add_argument("--method", default="stride", help="the config's STRIDE method row whose fit is probed")
+    ap.add_argument("--name", default=None, help="this probe's name in the results (default: the method's)")
     args = ap.parse_args(argv)
 
     cfg = load_config(args.config)
     if args.cell not in cfg.cell_names():
         ap.error(f"no cell {args.cell!r} in {args.config}; cells: {cfg.cell_names()}")
+    spec = next((m for m in cfg.methods if m.name == args.method and m.kind == "stride"), None)
+    if spec is None:
+        ap.error(f"no STRIDE method {args.method!r} in {args.config}")
     fit_over = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.fit)}
-    scfg = cfg.stride_for(args.cell)
+    args.name = args.name or (args.method if not fit_over else "+".join(args.fit))
+    scfg = cfg.stride_for(args.cell, spec)
     if fit_over:
         scfg = scfg.replace(fit=fit_over)
     run_dir = Path(args.out) / args.cell
     p = tasks.prepare(cfg.task_for(args.cell), run_dir, groundtruth=False)
-    workdir = run_dir / "methods" / "stride" / "fit" if not fit_over else run_dir / "probe" / args.name / "fit"
+    workdir = run_dir / "methods" / args.method / "fit" if not fit_over else run_dir / "probe" / args.name / "fit"
     if not fit_over and not (workdir / "checkpoints").is_dir():
         sys.exit(f"no STRIDE fit in {workdir}: run the config first")
     t0 = time.perf_counter()
