@@ -54,6 +54,7 @@ def test_pretrain_smoke_runs_isolated_methods_and_cost_in_n(tmp_path):
     for r in rows.values():
         assert r["peak_memory_bytes"] > r["load_memory_bytes"] > 0  # measured in the method's own process
         assert r["seconds"]["total"] > 0 and -1 <= r["lds"]["mean"] <= 1
+        assert r["dataset"].startswith("corpus (")
     assert set(rows[("xs", "stride")]["seconds"]) >= {"fit", "measure", "recover"}
     assert {(r["method"], r["n"]) for r in report["cost_n"]} == {("graddot", 36), ("graddot", 72)}
     md = (tmp_path / "run" / "pretrain_lds_smoke.md").read_text()

@@ -87,7 +87,7 @@ def test_sft_run_fine_tunes_the_pretrained_model_as_ground_truth(files, tmp_path
     assert "stride (LDS " in md
     rows = {r["method"]: r for r in report["rows"]}
     assert set(rows) == {"stride", "graddot", "bm25", "random"}
-    assert all(r["lds"]["mean"] is not None for r in rows.values())
+    assert all(r["lds"]["mean"] is not None and r["dataset"] == pairs.name for r in rows.values())
     # STRIDE chosen on validation from a sweep sharing one fit: its cost and memory are reported
     assert report["selection"][0]["chosen"] in ("lambda 0.05", "lambda 0.2")
     assert set(rows["stride"]["seconds"]) >= {"fit", "measure", "recover", "total"}

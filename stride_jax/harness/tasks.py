@@ -77,6 +77,22 @@ def alphas(task: Task) -> list[float]:
     return list(task.alphas) or [task.groundtruth.alpha]
 
 
+def dataset_name(task: Task) -> str:
+    """A short name of the task's training data, for result rows: "alpaca", "evals mix (24 tasks)",
+    "digits", "corpus (austen, shakespeare, bible)", with "+ gsm exact" or "+ 3 targets" added."""
+    if isinstance(task, SFTTask):
+        d = task.data
+        name = {"alpaca": "alpaca", "evals": f"evals mix ({len(d.evals_tasks)} tasks)"}.get(d.source, Path(d.source).name)
+        if d.inject is not None:
+            name += f" + {d.inject.source} {d.inject.kind}"
+        if d.targets is not None:
+            name += f" + {len(d.targets.tasks)} targets"
+        return name
+    if isinstance(task, ClassifierTask):
+        return task.dataset
+    return f"corpus ({', '.join(task.data.sources)})"
+
+
 def groundtruth_config(task: Task, alpha: float) -> gt_lib.GroundTruthConfig:
     """The ground truth at `alpha`: as configured when the task lists no alphas, else with a
     subset seed of its own per alpha."""
