@@ -41,7 +41,8 @@ def _lds_rows(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, name: str
     rows = []
     for alpha in tasks_lib.alphas(p.task) or [None]:
         has_gt = alpha is not None
-        rows.append({"cell": cell, "method": name, "dataset": tasks_lib.dataset_name(p.task), "alpha": float(alpha) if has_gt else None,
+        rows.append({"cell": cell, "method": name, "dataset": tasks_lib.dataset_name(p.task),
+                     "alpha": float(alpha) if has_gt else None,
                      "lds": p.lds(scores, cfg.split, alpha, cfg.n_boot) if has_gt else None,
                      "lds_validation": p.lds(scores, "val", alpha, min(cfg.n_boot, 200)) if has_gt else None,
                      "seconds": record.get("seconds", {}),
