@@ -277,7 +277,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"design": {"n_subsets": 32, "per_example": 4},
               "fit": {"steps": 20, "subsets_per_step": 8, "checkpoint_every": 10}},
     # A real pretrained LM in minutes on a CPU (stride-jax attribute --preset llm-quick): the hook at
-    # 0.6 of the depth (the paper's choice), few subsets and short, position-sampled fits.
+    # 0.6 of the depth (the paper's choice), few subsets and short, position-sampled fits. Each
+    # operator gets steps x subsets_per_step / n_subsets = 10 updates; raise steps with n_subsets:
+    # at 2.5 updates an example's own operators barely stood out on it (its self-score ranked 82nd of
+    # 201), at 25 it ranked 1st (experiments/results/stride_probe.md).
     "llm-quick": {"design": {"n_subsets": 64, "per_example": 4},
                   "steering": {"depth_fraction": 0.6, "rank": 1},
                   "fit": {"steps": 40, "subsets_per_step": 16, "fidelity_batch": 4, "stability_batch": 4,
