@@ -131,34 +131,31 @@ def main(argv: list[str] | None = None) -> int:
         probes["leaked"] = (p.queries[np.array([c for c, _ in leaked], np.int64)],
                             [np.unique(ids_NxS[r].ravel()) for _, r in leaked], [r for _, r in leaked])
     is_rep = replica_of[pool_rows] >= 0
-    groups = {"leaked queries": ("leaked", slice(None)), "pool examples (replicas)": ("pool", is_rep),
-              "pool examples (others)": ("pool", ~is_rep)}
+    groups = {"leaked queries": ("leaked", np.ones(len(leaked), bool)), "pool examples (replicas)": ("pool", is_rep),
+              "pool examples (others)": ("pool", ~is_rep)}  # (probe, its queries in the group)
     t0 = time.perf_counter()
     measured = {k: stride.measure(q, progress=True) for k, (q, _, _) in probes.items()}
     measure_s = time.perf_counter() - t0
     stats = {}
     for k, m in measured.items():
         _, own, rows = probes[k]
-        s_NxQ = stride.recover(stride.responses(m)).dense()
+        y_QxK = stride.responses(m)
+        s_NxQ = stride.recover(y_QxK).dense()
+        # rank = how many pool examples score strictly higher (mean over the query's replicas)
         rank_Q = np.array([np.mean([(s_NxQ[:, j] > s_NxQ[r, j]).sum() for r in rr]) for j, rr in enumerate(rows)])
         stats[k] = {"raw": own_vs_others(measure_lib.raw_responses(m, scfg.measure), own),
-                    "centred": own_vs_others(stride.responses(m), own), "rank": rank_Q}
+                    "centred": own_vs_others(y_QxK, own), "rank": rank_Q}
     command = " ".join(["PYTHONPATH=. python experiments/stride_probe.py",
                         *(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))])
     entry = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": report_lib.machine(),
              "cell": args.cell, "name": args.name, "fit": fit_over, "fit_steps": scfg.fit.steps,
              "n_subsets": scfg.design.n_subsets, "per_example": scfg.design.per_example, "pool": len(p.train),
              "seconds": {"fit": round(fit_s, 1), "measure": round(measure_s, 1)}, "groups": {}}
-    for g, (k, sel) in groups.items():
-        if k not in stats:
-            continue
-        keep = np.zeros(len(stats[k]["rank"]), bool)
-        keep[sel] = True
-        if not keep.any():
-            continue
-        entry["groups"][g] = {space: summarise([r for r, kk in zip(stats[k][space], keep) if kk])
-                              for space in ("raw", "centred")}
-        entry["groups"][g]["score rank"] = float(stats[k]["rank"][keep].mean())
+    for g, (k, keep) in groups.items():
+        if keep.any():
+            entry["groups"][g] = {space: summarise([r for r, kk in zip(stats[k][space], keep) if kk])
+                                  for space in ("raw", "centred")}
+            entry["groups"][g]["score rank"] = float(stats[k]["rank"][keep].mean())
 
     results = Path(args.results or args.out)
     results.mkdir(parents=True, exist_ok=True)
