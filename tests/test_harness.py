@@ -266,6 +266,63 @@ def test_results_of_other_cells_are_kept_when_running_some_cells():
     assert cli._experiment(cli.build_parser().parse_args(["run", str(CONFIGS / "nk_regime.yaml")]), whole=True)[1] is None
 
 
+def test_a_methods_run_replaces_its_rows_and_keeps_the_others_with_their_origin(capsys):
+    """`--methods graddot` in cell a rewrites a's graddot rows only: STRIDE's rows, variants and
+    the qualitative entries (derived from several methods, not recomputed) stay from the earlier
+    run, which the markdown names; a later full run of the cell drops that provenance."""
+    full = {"name": "x", "cells": [{"name": c} for c in ("a", "b")], "task": {"kind": "lm"},
+            "methods": [{"name": "graddot"}]}
+    earlier = {**_fake_report([("a", 1000, 100), ("b", 1000, 100)]), "config": full, "command": "first",
+               "variants": [{"cell": "a", "group": "", "variant": "v", "override": {}, "seconds": {"fit": 1.0},
+                             "lds_val": {"mean": 0.2, "ci95": [0.1, 0.3]}}], "qualitative": [{"cell": "a", "query": "q"}]}
+    now = _fake_report([("a", 1000, 100)])
+    now["rows"] = [r for r in now["rows"] if r["method"] == "graddot"]
+    for r in now["rows"]:
+        r["lds"] = {"mean": 0.3, "ci95": [0.2, 0.4]}
+    merged = report_lib.merge_earlier({**now, "command": "second"}, earlier, full, methods={"graddot"})
+    assert [(r["cell"], r["method"], r["lds"]["mean"]) for r in merged["rows"]] == [
+        ("a", "stride", 0.1), ("a", "graddot", 0.3), ("b", "stride", 0.1), ("b", "graddot", 0.1)]
+    assert merged["variants"] == earlier["variants"] and merged["qualitative"] == earlier["qualitative"]
+    assert merged["earlier_rows"] == [{"cell": "a", "methods": ["stride"], "command": "first", "machine": "m",
+                                       "date": "d", "derived": ["qualitative"]}]
+    assert ("In cell a, the rows of stride are kept from an earlier run: `first`. Machine: m; d. So are its "
+            "qualitative entries.") in report_lib.markdown(merged, "second")
+    merged["command"] = "second"
+    again = report_lib.merge_earlier(_fake_report([("a", 1000, 100)]) | {"rows": []}, merged, full,
+                                     methods={"stride"})
+    assert [(r["cell"], r["method"]) for r in again["rows"]] == [("a", "graddot"), ("b", "stride"), ("b", "graddot")]
+    assert again["earlier_rows"][0]["methods"] == ["graddot"] and again["earlier_rows"][0]["command"] == "second"
+    assert again["variants"] == []  # the stride run's own (here none) replace the earlier variants
+    assert "earlier_rows" not in report_lib.merge_earlier(_fake_report([("a", 1000, 100)]), merged, full)
+    from stride_jax.harness import experiment
+
+    cfg = load_config(CONFIGS / "nk_regime.yaml")
+    with pytest.raises(ValueError, match=r"unknown method row\(s\) \['tracin2'\]"):
+        experiment.check_methods(cfg, ["graddot", "tracin2"])
+    assert cli.main(["run", str(CONFIGS / "nk_regime.yaml"), "--methods", "nope", "--no-progress"]) == 2
+    assert "unknown method row(s) ['nope']" in capsys.readouterr().err
+
+
+def test_a_methods_run_computes_only_its_rows_end_to_end(tmp_path, monkeypatch):
+    """`run(..., methods=["random"])` after a full run: only random's method runs again (the
+    ground truth resumes from the store), bm25's row is the earlier one, and the file says so."""
+    from stride_jax.harness import experiment
+
+    cfg = ExperimentConfig.from_dict({**TINY, "variants": {}, "methods": ["bm25", "random"]})
+    experiment.run(cfg, tmp_path / "out", tmp_path, progress=False, command="first")
+    first = json.loads((tmp_path / "tiny.json").read_text())
+    ran = []
+    real = experiment.runner.run_method
+    monkeypatch.setattr(experiment.runner, "run_method", lambda task, d, spec, *a, **k: ran.append(spec.name) or
+                        real(task, d, spec, *a, **k))
+    experiment.run(cfg, tmp_path / "out", tmp_path, progress=False, command="second", methods=["random"])
+    second = json.loads((tmp_path / "tiny.json").read_text())
+    assert ran == ["random"]
+    assert [r["method"] for r in second["rows"]] == [r["method"] for r in first["rows"]] == ["bm25", "random"]
+    assert second["rows"][0] == first["rows"][0] and second["rows"][1]["lds"] == first["rows"][1]["lds"]
+    assert second["earlier_rows"][0]["methods"] == ["bm25"] and second["earlier_rows"][0]["command"] == "first"
+
+
 def test_a_conflicting_results_file_stops_a_cells_run_before_any_work(tmp_path, monkeypatch):
     """`--cells` with a results file written by another version of the config: the ValueError
     comes before the ground truth is prepared (it used to come after hours of work)."""

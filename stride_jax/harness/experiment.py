@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -298,14 +299,32 @@ def _earlier(results_dir: Path, name: str) -> dict[str, Any] | None:
     return earlier
 
 
+def check_methods(cfg: ExperimentConfig, methods: Collection[str]) -> list[str]:
+    """`methods` (names of `cfg`'s method rows, or "stride" for its STRIDE variants), checked."""
+    known = ([report_lib.VARIANT_ROWS] if cfg.all_variants() else []) + [m.name for m in cfg.methods]
+    names = [m.strip() for m in methods if m.strip()]
+    unknown = sorted(set(names) - set(known))
+    if unknown or not names:
+        raise ValueError(f"--methods {','.join(methods)!r}: unknown method row(s) {unknown}; the config's: {known}")
+    return names
+
+
 def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None = None, *, progress: bool = True,
-        command: str = "", full: ExperimentConfig | None = None) -> dict[str, Any]:
+        command: str = "", full: ExperimentConfig | None = None,
+        methods: Collection[str] | None = None) -> dict[str, Any]:
     """Every stage of `cfg` (resuming from `out`); writes the report; returns it.
 
     `full`: the whole config when `cfg` runs some of its cells (`--cells`): the results file
     then keeps the other cells' entries from its previous version (ValueError if that was
     written by a different config), and says which run they come from.
+    `methods`: run only these method rows ("stride": the STRIDE variants); the data, base
+    model and ground truth are still made (or resumed). The results file keeps the other rows
+    from its previous version, and the entries derived from several methods (qualitative
+    examples, contamination, data selection, counterfactual removal), which are not recomputed.
     """
+    if methods is not None:
+        methods = set(check_methods(cfg, methods))
+        full = full or cfg
     out = store.check_writable_dir(out, "output directory")
     results_dir = Path(results_dir) if results_dir is not None else out
     command = command or f"stride-jax run <config> --out {out}"
@@ -332,7 +351,8 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
             log.info("[%s] %s parameters, %d training examples, noise ceiling %s", cell or cfg.name,
                      f"{p.info['params']:,}", p.info["n_train"],
                      {a: report_lib.fmt_lds(c) for a, c in report["cells"][-1]["noise_ceiling"].items()})
-            variant_rows, selection, chosen = _variants(p, cfg, cell, run_dir, progress)
+            variant_rows, selection, chosen = ([], [], {}) if methods is not None and report_lib.VARIANT_ROWS \
+                not in methods else _variants(p, cfg, cell, run_dir, progress)
             report["variants"] += variant_rows
             report["selection"] += selection
             scored: dict[str, np.ndarray] = {}
@@ -340,7 +360,7 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
                 scored[name] = attr.dense()
                 report["rows"] += _lds_rows(p, cfg, cell, name, scored[name], rec)
             for spec in cfg.methods:
-                if spec.cells and cell not in spec.cells:
+                if (spec.cells and cell not in spec.cells) or (methods is not None and spec.name not in methods):
                     continue
                 res = runner.run_method(task, run_dir, spec, cfg.stride_for(cell, spec), isolate=cfg.isolate,
                                         progress=progress)
@@ -352,6 +372,8 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
                 report["rows"] += rows
                 log.info("[%s] %-14s LDS %s  %.1f s", cell or cfg.name, spec.name, report_lib.fmt_lds(rows[0]["lds"]),
                          rec["seconds"].get("total", 0.0))
+            if methods is not None:  # derived from several methods: kept from the results file
+                continue
             if cfg.contamination is not None:
                 report["contamination"].append(_contamination(p, cfg, cell, scored))
             if cfg.data_selection is not None:
@@ -365,14 +387,14 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
             if cfg.show_examples and scored:
                 name = "stride" if "stride" in scored else next(iter(scored))
                 report["examples"] += _examples(p, cell, name, scored[name], cfg.show_examples)
-        report["cost_n"] = _cost_n(cfg, out, progress) if cfg.cost_n is not None else []
+        report["cost_n"] = _cost_n(cfg, out, progress) if cfg.cost_n is not None and methods is None else []
         report["wall_seconds_this_invocation"] = round(time.perf_counter() - t_start, 1)
         earlier = _earlier(results_dir, cfg.name) if full is not None else None  # again: another run may have written it
         if earlier is not None:
-            report = report_lib.merge_earlier(report, earlier, full.to_dict())
+            report = report_lib.merge_earlier(report, earlier, full.to_dict(), methods)
         report_lib.write(report, results_dir, command)
         store.write_json(out / "config.json", cfg.to_dict())
     return report
 
 
-__all__ = ["run"]
+__all__ = ["check_methods", "run"]

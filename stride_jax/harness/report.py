@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,10 @@ def markdown(report: dict[str, Any], command: str) -> str:
     for (cmd, mach, date), kept in runs.items():
         lines += [f"Cells {', '.join(kept)} are kept from an earlier run: `{cmd or 'command not recorded'}`. "
                   f"Machine: {mach}; {date}.", ""]
+    for e in report.get("earlier_rows", []):
+        derived = f" So are its {', '.join(k.replace('_', ' ') for k in e['derived'])} entries." if e.get("derived") else ""
+        lines += [f"In cell {_cell_label(e['cell'])}, the rows of {', '.join(e['methods'])} are kept from an earlier "
+                  f"run: `{e['command'] or 'command not recorded'}`. Machine: {e['machine']}; {e['date']}.{derived}", ""]
     lines += [f"LDS on held-out **{split}** queries: per query, the Spearman correlation over retrained random "
               "alpha-subsets between the summed scores of the subset's examples and minus the query's loss "
               "(seed-averaged), averaged over queries; 95% interval from a joint subset x query bootstrap; NaN = "
@@ -432,23 +437,86 @@ def check_earlier(earlier: dict[str, Any], full_config: dict[str, Any]) -> None:
                          f"(differs in {differ[:5]}); write this run elsewhere (--results)")
 
 
-def merge_earlier(report: dict[str, Any], earlier: dict[str, Any], full_config: dict[str, Any]) -> dict[str, Any]:
+VARIANT_ROWS = "stride"  # the --methods name of the STRIDE variants (their chosen rows, variants, selection)
+DERIVED = ("counterfactual", "examples", "cost_n", "qualitative", "contamination", "data_selection")
+
+
+def row_source(method: str, method_names: Collection[str]) -> str:
+    """The `--methods` name a result row comes from: its method row, or `VARIANT_ROWS` for the
+    rows of the STRIDE chosen among the variants ("stride", "stride-<group>")."""
+    if method in method_names:
+        return method
+    return VARIANT_ROWS if method == VARIANT_ROWS or method.startswith(VARIANT_ROWS + "-") else method
+
+
+def _provenance(earlier: dict[str, Any], cell: str, method: str | None) -> dict[str, str]:
+    """Which run wrote `earlier`'s entry of (cell, method row): an older run it kept or its own."""
+    for e in earlier.get("earlier_rows", []):
+        if e["cell"] == cell and method in e["methods"]:
+            return {k: e[k] for k in ("command", "machine", "date")}
+    for e in earlier.get("earlier_cells", []):
+        if e["cell"] == cell:
+            return {k: e[k] for k in ("command", "machine", "date")}
+    return {k: earlier.get(k, "") for k in ("command", "machine", "date")}
+
+
+def merge_earlier(report: dict[str, Any], earlier: dict[str, Any], full_config: dict[str, Any],
+                  methods: Collection[str] | None = None) -> dict[str, Any]:
     """`report` (a run of some of `full_config`'s cells) with the entries of the other cells kept
     from `earlier` (the results file's previous version), in the config's cell order; ValueError
-    from `check_earlier` when `earlier` was written by a different experiment."""
+    from `check_earlier` when `earlier` was written by a different experiment.
+
+    `methods` (a `--methods` run: only these method rows ran, `VARIANT_ROWS` for the STRIDE
+    variants): in the cells that ran, the other methods' rows are kept from `earlier` too, and
+    so are the entries derived from several methods (`DERIVED`), which such a run does not
+    recompute; `earlier_rows` says where each kept row comes from.
+    """
     check_earlier(earlier, full_config)
     now = {c["cell"] for c in report["cells"]}
     order = {c["name"]: i for i, c in enumerate(full_config.get("cells", []))}
+    names = [m["name"] for m in full_config.get("methods", [])]
+    rank = {n: i for i, n in enumerate([VARIANT_ROWS, *names])}
+
+    def kept(key: str, e: dict[str, Any]) -> bool:
+        if e.get("cell") not in now:
+            return True
+        if methods is None or key == "cells":
+            return False
+        if key == "rows":
+            return row_source(e["method"], names) not in methods
+        if key in ("variants", "selection"):
+            return VARIANT_ROWS not in methods
+        return key in DERIVED
+
+    def position(e: dict[str, Any]) -> tuple[int, int]:
+        m = row_source(e["method"], names) if "method" in e and isinstance(e["method"], str) else None
+        return order.get(e.get("cell"), len(order)), rank.get(m, len(rank)) if methods is not None else 0
+
     merged = dict(report)
     for key in CELL_KEYED:
-        kept = [e for e in earlier.get(key, []) if e.get("cell") not in now]
-        merged[key] = sorted(kept + list(report.get(key, [])), key=lambda e: order.get(e.get("cell"), len(order)))
+        merged[key] = sorted([e for e in earlier.get(key, []) if kept(key, e)] + list(report.get(key, [])),
+                             key=position)
     earlier_cells = [c["cell"] for c in merged["cells"] if c["cell"] not in now]
     if earlier_cells:
         prior = earlier.get("earlier_cells", [])
         merged["earlier_cells"] = [e for e in prior if e["cell"] in earlier_cells] + [
             {"cell": c, "command": earlier.get("command", ""), "machine": earlier.get("machine", ""),
              "date": earlier.get("date", "")} for c in earlier_cells if c not in {e["cell"] for e in prior}]
+    rows = [e for e in earlier.get("earlier_rows", []) if e["cell"] not in now]
+    if methods is not None:
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for r in earlier.get("rows", []):
+            if r["cell"] in now and kept("rows", r):
+                src = _provenance(earlier, r["cell"], r["method"])
+                key_ = (r["cell"], src["command"], src["machine"], src["date"])
+                groups.setdefault(key_, [])
+                if r["method"] not in groups[key_]:
+                    groups[key_].append(r["method"])
+        rows += [{"cell": c, "methods": ms, "command": cmd, "machine": mach, "date": date,
+                  "derived": [k for k in DERIVED if any(e.get("cell") == c for e in earlier.get(k, []))]}
+                 for (c, cmd, mach, date), ms in groups.items()]
+    if rows:
+        merged["earlier_rows"] = rows
     merged["config"] = full_config
     return merged
 
