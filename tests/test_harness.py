@@ -269,7 +269,8 @@ def test_results_of_other_cells_are_kept_when_running_some_cells():
 def test_a_methods_run_replaces_its_rows_and_keeps_the_others_with_their_origin(capsys):
     """`--methods graddot` in cell a rewrites a's graddot rows only: STRIDE's rows, variants and
     the qualitative entries (derived from several methods, not recomputed) stay from the earlier
-    run, which the markdown names; a later full run of the cell drops that provenance."""
+    run, which the markdown names; a later full run of the cell drops that provenance, and
+    recomputed qualitative entries replace the earlier ones."""
     full = {"name": "x", "cells": [{"name": c} for c in ("a", "b")], "task": {"kind": "lm"},
             "methods": [{"name": "graddot"}]}
     earlier = {**_fake_report([("a", 1000, 100), ("b", 1000, 100)]), "config": full, "command": "first",
@@ -294,6 +295,9 @@ def test_a_methods_run_replaces_its_rows_and_keeps_the_others_with_their_origin(
     assert again["earlier_rows"][0]["methods"] == ["graddot"] and again["earlier_rows"][0]["command"] == "second"
     assert again["variants"] == []  # the stride run's own (here none) replace the earlier variants
     assert "earlier_rows" not in report_lib.merge_earlier(_fake_report([("a", 1000, 100)]), merged, full)
+    fresh = {**_fake_report([("a", 1000, 100)]), "qualitative": [{"cell": "a", "query": "new"}]}
+    redone = report_lib.merge_earlier(fresh, merged, full, methods={"stride", "graddot"})  # all of a ran
+    assert redone["qualitative"] == fresh["qualitative"] and "earlier_rows" not in redone
     from stride_jax.harness import experiment
 
     cfg = load_config(CONFIGS / "nk_regime.yaml")

@@ -319,8 +319,9 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
     written by a different config), and says which run they come from.
     `methods`: run only these method rows ("stride": the STRIDE variants); the data, base
     model and ground truth are still made (or resumed). The results file keeps the other rows
-    from its previous version, and the entries derived from several methods (qualitative
-    examples, contamination, data selection, counterfactual removal), which are not recomputed.
+    from its previous version, and the entries derived from several methods (contamination,
+    data selection, counterfactual removal; the qualitative examples unless all their methods
+    ran), which are not recomputed.
     """
     if methods is not None:
         methods = set(check_methods(cfg, methods))
@@ -372,7 +373,9 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
                 report["rows"] += rows
                 log.info("[%s] %-14s LDS %s  %.1f s", cell or cfg.name, spec.name, report_lib.fmt_lds(rows[0]["lds"]),
                          rec["seconds"].get("total", 0.0))
-            if methods is not None:  # derived from several methods: kept from the results file
+            if cfg.qualitative is not None and (methods is None or set(cfg.qualitative.methods) <= methods):
+                report["qualitative"] += _qualitative(p, cfg, cell, scored)
+            if methods is not None:  # the other entries derived from several methods: kept from the results file
                 continue
             if cfg.contamination is not None:
                 report["contamination"].append(_contamination(p, cfg, cell, scored))
@@ -382,8 +385,6 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
                 if not isinstance(task, ClassifierTask):
                     raise ValueError("counterfactual removal is implemented for classifier tasks")
                 report["counterfactual"].append(_counterfactual(p, cfg, cell, scored, run_dir, results_dir))
-            if cfg.qualitative is not None:
-                report["qualitative"] += _qualitative(p, cfg, cell, scored)
             if cfg.show_examples and scored:
                 name = "stride" if "stride" in scored else next(iter(scored))
                 report["examples"] += _examples(p, cell, name, scored[name], cfg.show_examples)

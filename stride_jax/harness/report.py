@@ -468,7 +468,7 @@ def merge_earlier(report: dict[str, Any], earlier: dict[str, Any], full_config: 
 
     `methods` (a `--methods` run: only these method rows ran, `VARIANT_ROWS` for the STRIDE
     variants): in the cells that ran, the other methods' rows are kept from `earlier` too, and
-    so are the entries derived from several methods (`DERIVED`), which such a run does not
+    so are the entries derived from several methods (`DERIVED`) that such a run did not
     recompute; `earlier_rows` says where each kept row comes from.
     """
     check_earlier(earlier, full_config)
@@ -486,7 +486,7 @@ def merge_earlier(report: dict[str, Any], earlier: dict[str, Any], full_config: 
             return row_source(e["method"], names) not in methods
         if key in ("variants", "selection"):
             return VARIANT_ROWS not in methods
-        return key in DERIVED
+        return key in DERIVED and not any(r.get("cell") == e.get("cell") for r in report.get(key, []))
 
     def position(e: dict[str, Any]) -> tuple[int, int]:
         m = row_source(e["method"], names) if "method" in e and isinstance(e["method"], str) else None
@@ -513,7 +513,7 @@ def merge_earlier(report: dict[str, Any], earlier: dict[str, Any], full_config: 
                 if r["method"] not in groups[key_]:
                     groups[key_].append(r["method"])
         rows += [{"cell": c, "methods": ms, "command": cmd, "machine": mach, "date": date,
-                  "derived": [k for k in DERIVED if any(e.get("cell") == c for e in earlier.get(k, []))]}
+                  "derived": [k for k in DERIVED if any(e.get("cell") == c and kept(k, e) for e in earlier.get(k, []))]}
                  for (c, cmd, mach, date), ms in groups.items()]
     if rows:
         merged["earlier_rows"] = rows
