@@ -307,6 +307,21 @@ def test_a_methods_run_replaces_its_rows_and_keeps_the_others_with_their_origin(
     assert "unknown method row(s) ['nope']" in capsys.readouterr().err
 
 
+def test_qualitative_columns_follow_the_config_and_say_where_kept_entries_come_from():
+    """The side-by-side columns are in the config's method order, also for entries reread from a
+    json (whose keys are sorted), and the file names the run its kept entries come from."""
+    ex = {"helpful": [{"index": 0, "score": 1.0, "text": "h"}], "harmful": [{"index": 1, "score": -1.0, "text": "x"}]}
+    report = {"config": {"name": "x", "qualitative": {"name": "qual", "methods": ["stride", "logra"], "k": 1,
+                                                      "max_chars": 50}},
+              "machine": "m", "date": "d", "rows": [],
+              "earlier_rows": [{"cell": "a", "methods": ["logra"], "command": "first", "machine": "m0", "date": "d0",
+                                "derived": ["qualitative"]}],
+              "qualitative": [{"cell": "a", "query_index": 3, "query": "q", "methods": {"logra": ex, "stride": ex}}]}
+    md = report_lib.qualitative_markdown(report, "second")
+    assert "| | stride | logra |" in md
+    assert "In cell a, the rows of logra are kept from an earlier run: `first`" in md
+
+
 def test_a_methods_run_computes_only_its_rows_end_to_end(tmp_path, monkeypatch):
     """`run(..., methods=["random"])` after a full run: only random's method runs again (the
     ground truth resumes from the store), bm25's row is the earlier one, and the file says so."""

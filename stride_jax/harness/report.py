@@ -77,12 +77,9 @@ def _cell_label(cell: str) -> str:
     return cell or "-"
 
 
-def markdown(report: dict[str, Any], command: str) -> str:
-    cfg = report["config"]
-    cells = [c["cell"] for c in report["cells"]]
-    alphas = sorted({r["alpha"] for r in report["rows"]}) or [None]
-    split = cfg.get("split", "test")
-    lines = [f"# {cfg['name']}", "", f"Command: `{command}`. Machine: {report['machine']}; {report['date']}.", ""]
+def _kept_lines(report: dict[str, Any]) -> list[str]:
+    """Where the entries a `--cells` / `--methods` run kept from earlier runs come from."""
+    lines: list[str] = []
     runs: dict[tuple[str, str, str], list[str]] = {}
     for e in report.get("earlier_cells", []):
         runs.setdefault((e["command"], e["machine"], e["date"]), []).append(e["cell"])
@@ -93,6 +90,16 @@ def markdown(report: dict[str, Any], command: str) -> str:
         derived = f" So are its {', '.join(k.replace('_', ' ') for k in e['derived'])} entries." if e.get("derived") else ""
         lines += [f"In cell {_cell_label(e['cell'])}, the rows of {', '.join(e['methods'])} are kept from an earlier "
                   f"run: `{e['command'] or 'command not recorded'}`. Machine: {e['machine']}; {e['date']}.{derived}", ""]
+    return lines
+
+
+def markdown(report: dict[str, Any], command: str) -> str:
+    cfg = report["config"]
+    cells = [c["cell"] for c in report["cells"]]
+    alphas = sorted({r["alpha"] for r in report["rows"]}) or [None]
+    split = cfg.get("split", "test")
+    lines = [f"# {cfg['name']}", "", f"Command: `{command}`. Machine: {report['machine']}; {report['date']}.", ""]
+    lines += _kept_lines(report)
     lines += [f"LDS on held-out **{split}** queries: per query, the Spearman correlation over retrained random "
               "alpha-subsets between the summed scores of the subset's examples and minus the query's loss "
               "(seed-averaged), averaged over queries; 95% interval from a joint subset x query bootstrap; NaN = "
@@ -308,14 +315,14 @@ def qualitative_markdown(report: dict[str, Any], command: str) -> str:
     q = report["config"]["qualitative"]
     lds = {(r["method"], r["cell"]): r["lds"] for r in report["rows"]}
     lines = [f"# {q['name']}: top training examples of {', '.join(q['methods'])} ({report['config']['name']})", "",
-             f"Command: `{command}`. Machine: {report['machine']}; {report['date']}.", ""]
+             f"Command: `{command}`. Machine: {report['machine']}; {report['date']}.", "", *_kept_lines(report)]
     if q.get("note"):
         lines += [q["note"], ""]
     lines += ["Sign: a positive score means including the example lowers the query's loss (helpful), a negative "
               "one that it raises it (harmful). Texts clipped to "
               f"{q['max_chars']} characters; `|` shown as `/`.", ""]
     for i, e in enumerate(report["qualitative"], 1):
-        methods = list(e["methods"])
+        methods = [m for m in q["methods"] if m in e["methods"]]  # the config's order (a reread json's keys are sorted)
         lines += [f"## {i}. {_label(e['cell'])}query {e['query_index']}", "", f"> {_clip(e['query'], q['max_chars'])}",
                   "", "| | " + " | ".join(f"{m} (LDS {fmt_lds(lds.get((m, e['cell'])))})" if (m, e["cell"]) in lds
                                             else m for m in methods) + " |",
@@ -498,10 +505,7 @@ def merge_earlier(report: dict[str, Any], earlier: dict[str, Any], full_config: 
                              key=position)
     earlier_cells = [c["cell"] for c in merged["cells"] if c["cell"] not in now]
     if earlier_cells:
-        prior = earlier.get("earlier_cells", [])
-        merged["earlier_cells"] = [e for e in prior if e["cell"] in earlier_cells] + [
-            {"cell": c, "command": earlier.get("command", ""), "machine": earlier.get("machine", ""),
-             "date": earlier.get("date", "")} for c in earlier_cells if c not in {e["cell"] for e in prior}]
+        merged["earlier_cells"] = [{"cell": c, **_provenance(earlier, c, None)} for c in earlier_cells]
     rows = [e for e in earlier.get("earlier_rows", []) if e["cell"] not in now]
     if methods is not None:
         groups: dict[tuple[str, ...], list[str]] = {}
