@@ -51,13 +51,7 @@ def _fit_and_measure(prepared: Any, cfg: StrideConfig, fit_dir: Path,
     t0 = time.perf_counter()
     stride = Stride(cfg).fit(prepared.model, prepared.train, workdir=fit_dir, progress=progress)
     t1 = time.perf_counter()
-    cache = fit_dir / f"measure_{prepared.queries.content_hash()[:16]}.npz"
-    if cache.exists():
-        z = store.load_npz(cache)
-        m = Measurement(z["base"], z["steered"])
-    else:
-        m = stride.measure(prepared.queries, progress=progress)
-        store.save_npz(cache, {"base": m.base_loss_Q, "steered": m.steered_loss_QxK})
+    m, _ = _measurement(prepared, stride, fit_dir, progress)
     seconds = recorded or {"fit": round(t1 - t0, 3), "measure": round(time.perf_counter() - t1, 3)}
     if fresh:
         store.write_json(seconds_path, seconds)  # the first run's timings, reported on resume too
@@ -65,6 +59,23 @@ def _fit_and_measure(prepared: Any, cfg: StrideConfig, fit_dir: Path,
             store.write_json(memory_path, {"peak_memory_bytes": status_bytes("VmHWM"), "load_memory_bytes": load})
     memory = store.read_json(memory_path) if memory_path.exists() else {}
     return stride, m, seconds, memory
+
+
+def _measurement(prepared: Any, stride: Stride, fit_dir: Path, progress: bool) -> tuple[Measurement, float | None]:
+    """The queries' raw losses under `stride`'s measurement mode and the seconds they took (None
+    when cached by an older run), cached per (queries, mode) in the fit's directory (the exact
+    mode keeps the file name earlier runs wrote)."""
+    mode = getattr(stride.cfg.measure, "mode", "exact")
+    suffix = "" if mode == "exact" else f"_{mode}"
+    cache = fit_dir / f"measure_{prepared.queries.content_hash()[:16]}{suffix}.npz"
+    if cache.exists():
+        z = store.load_npz(cache)
+        return Measurement(z["base"], z["steered"]), float(z["seconds"]) if "seconds" in z else None
+    t0 = time.perf_counter()
+    m = stride.measure(prepared.queries, progress=progress)
+    seconds = round(time.perf_counter() - t0, 3)
+    store.save_npz(cache, {"base": m.base_loss_Q, "steered": m.steered_loss_QxK, "seconds": seconds})
+    return m, seconds
 
 
 def run_variants(prepared: Any, configs: dict[str, StrideConfig | str], workdir: Path, *,
@@ -88,8 +99,12 @@ def run_variants(prepared: Any, configs: dict[str, StrideConfig | str], workdir:
             out[name] = VariantResult(name, cfg, None, {}, error=fits[key])
             continue
         stride, m, seconds, memory = fits[key]
-        t0 = time.perf_counter()
         variant = stride.with_config(cfg)
+        seconds = dict(seconds)
+        if getattr(cfg.measure, "mode", "exact") != getattr(stride.cfg.measure, "mode", "exact"):
+            m, measure_seconds = _measurement(prepared, variant, workdir / key, progress)  # same operators
+            seconds["measure"] = measure_seconds
+        t0 = time.perf_counter()
         attr = variant.recover(variant.responses(m), prepared.queries.ids)
         out[name] = VariantResult(name, variant.cfg, attr, {**seconds, "recover": round(time.perf_counter() - t0, 3)},
                                   memory=memory)
