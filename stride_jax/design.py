@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -303,6 +304,15 @@ def _fill_empty_subsets(ids_NxS: np.ndarray, n_subsets: int, rng: np.random.Gene
     ids_NxS.sort(axis=1)
 
 
+def _integer(value: Any, name: str) -> int:
+    """`value` as an int: integers (Python or numpy) and integral floats; anything else raises."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
+        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if isinstance(value, (float, np.floating)) and not float(value).is_integer():
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
 def left_regular_design(n: int, n_subsets: int, per_example: int, seed: int) -> Design:
     """Each of n examples joins `per_example` (d) distinct subsets of K, uniformly at random.
 
@@ -311,7 +321,10 @@ def left_regular_design(n: int, n_subsets: int, per_example: int, seed: int) -> 
     matrix. If some subset ends up empty (only when n d is not much larger than K), memberships
     are moved into it from the largest subsets, deterministically in `seed`.
     """
-    n, n_subsets, per_example = int(n), int(n_subsets), int(per_example)
+    n, n_subsets, per_example = _integer(n, "n"), _integer(n_subsets, "n_subsets"), _integer(per_example, "per_example")
+    seed = _integer(seed, "seed")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     if n < 1:
         raise ValueError(f"n (number of examples) must be >= 1, got {n}")
     if n_subsets < 1:
@@ -340,7 +353,7 @@ def alpha_subsets(n: int, m: int, alpha: float, seed: int) -> np.ndarray:
 
     These are the LDS evaluation subsets; draw them with a seed independent of the design's.
     """
-    n, m, alpha = int(n), int(m), float(alpha)
+    n, m, alpha = _integer(n, "n"), _integer(m, "m"), float(alpha)
     if n < 1 or m < 1:
         raise ValueError(f"n and m must be >= 1, got n={n}, m={m}")
     if not 0.0 < alpha < 1.0:

@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from stride_jax import models, sharding, steering, store
-from stride_jax.config import FitShape, SteeringConfig, StrideConfig, to_dict
+from stride_jax.config import FitConfig, FitShape, SteeringConfig, StrideConfig, to_dict
 from stride_jax.design import Design, design_matvec
 from stride_jax.models import example_loss
 from stride_jax.steering import OperatorBank
@@ -66,8 +66,25 @@ class FitData(NamedTuple):
 class FitState(NamedTuple):
     basis: Any
     coef: Any
-    opt_state: Any
+    opt_state: Any  # optax.ScaleByAdamState over (basis, coef), or a SparseAdamState
     step: jax.Array
+
+
+class SparseAdamState(NamedTuple):
+    """Lazy Adam (`FitConfig.sparse_updates`): optax Adam for the shared basis, and for the operator
+    matrices one optax Adam state per operator (count [K], mu and nu [K, R, O]) whose rows change
+    only in the steps that operator takes part in."""
+
+    basis: optax.ScaleByAdamState
+    coef: optax.ScaleByAdamState  # count has a leading K axis
+
+
+def init_opt_state(basis: Any, coef: Any, sparse: bool) -> optax.ScaleByAdamState | SparseAdamState:
+    """Adam state of a fit: dense over (basis, coef), or lazy per operator (`sparse`)."""
+    adam = optax.scale_by_adam()
+    if not sparse:
+        return adam.init((basis, coef))
+    return SparseAdamState(adam.init(basis), jax.vmap(adam.init)(coef))
 
 
 def compute_features(model: nnx.Module, examples, layer: int, *, batch_size: int = 64,
@@ -167,6 +184,16 @@ def _gather(model, data: FitData, idx: jax.Array, key: jax.Array, shape: FitShap
     return data.h[rows, pos].astype(jnp.float32), logits, data.targets[rows, pos], None, None
 
 
+def _sample(key: jax.Array, data: FitData, n_subsets: int, shape: FitShape,
+            batch_sharding: NamedSharding | None):
+    """`sample_batch`, its per-subset parts split over devices by `batch_sharding` (on a mesh)."""
+    ks, fid_idx, stab_idx, stab_w, probe_idx = sample_batch(key, data, n_subsets, shape)
+    if batch_sharding is not None:
+        ks, fid_idx, stab_idx, stab_w = jax.lax.with_sharding_constraint((ks, fid_idx, stab_idx, stab_w),
+                                                                          batch_sharding)
+    return ks, fid_idx, stab_idx, stab_w, probe_idx
+
+
 def fit_loss(trainable, model_state, data: FitData, key, hyper, *, model_graphdef, op_graphdef,
              steer_cfg: SteeringConfig, shape: FitShape, log_space: bool, loss_floor: float,
              batch_sharding: NamedSharding | None = None):
@@ -176,13 +203,21 @@ def fit_loss(trainable, model_state, data: FitData, key, hyper, *, model_graphde
     the losses of its share (data parallel); the value is unchanged.
     """
     basis, coef = trainable
-    model = nnx.merge(model_graphdef, model_state)
     n_subsets = jax.tree_util.tree_leaves(coef)[0].shape[0]
-    ks, fid_idx, stab_idx, stab_w, probe_idx = sample_batch(key, data, n_subsets, shape)
-    if batch_sharding is not None:
-        ks, fid_idx, stab_idx, stab_w = jax.lax.with_sharding_constraint((ks, fid_idx, stab_idx, stab_w),
-                                                                          batch_sharding)
-    coef_b = jax.tree.map(lambda x: x[ks], coef)
+    batch = _sample(key, data, n_subsets, shape, batch_sharding)
+    coef_b = jax.tree.map(lambda x: x[batch[0]], coef)
+    return batch_loss((basis, coef_b), model_state, data, batch, key, hyper, model_graphdef=model_graphdef,
+                      op_graphdef=op_graphdef, steer_cfg=steer_cfg, shape=shape, log_space=log_space,
+                      loss_floor=loss_floor)
+
+
+def batch_loss(trainable_b, model_state, data: FitData, batch, key, hyper, *, model_graphdef, op_graphdef,
+               steer_cfg: SteeringConfig, shape: FitShape, log_space: bool, loss_floor: float):
+    """The fit objective given a sampled `batch` (`sample_batch`) and (basis, coef_b), coef_b the
+    matrices of the batch's operators only ([Kb, R, O]); differentiable in `trainable_b`."""
+    basis, coef_b = trainable_b
+    ks, fid_idx, stab_idx, stab_w, probe_idx = batch
+    model = nnx.merge(model_graphdef, model_state)
 
     def steer(coef_k, h, o, mask):
         return steering.apply_operator(op_graphdef, basis, coef_k, model, h, o, steer_cfg, mask)
@@ -224,16 +259,35 @@ def fit_step(state: FitState, model_state, data: FitData, base_key, hyper, *, mo
              batch_sharding: NamedSharding | None = None):
     """One Adam step on basis and operator matrices. Pure; the key is derived from the step.
 
-    `hyper` holds traced scalars (learning rate, loss weights): changing them reuses the
-    compiled step.
+    Dense (`state.opt_state` an optax Adam state over (basis, coef)): every operator and its
+    moments are rewritten each step. Sparse (a `SparseAdamState`): only the step's operators
+    coef[ks] and their moments are read, updated by Adam with their own counts, and written back
+    with `.at[ks].set` (in place when the state is donated); the others stay bit-identical. With
+    subsets_per_step == K both give the same step. `hyper` holds traced scalars (learning rate,
+    loss weights): changing them reuses the compiled step.
     """
     key = jax.random.fold_in(base_key, state.step)
+    static = dict(model_graphdef=model_graphdef, op_graphdef=op_graphdef, steer_cfg=steer_cfg, shape=shape,
+                  log_space=log_space, loss_floor=loss_floor)
+    adam, lr = optax.scale_by_adam(), hyper["learning_rate"]
+    if isinstance(state.opt_state, SparseAdamState):
+        n_subsets = jax.tree_util.tree_leaves(state.coef)[0].shape[0]
+        batch = _sample(key, data, n_subsets, shape, batch_sharding)
+        ks = batch[0]
+        rows = lambda tree: jax.tree.map(lambda x: x[ks], tree)
+        (g_basis, g_coef_b), metrics = jax.grad(batch_loss, has_aux=True)(
+            (state.basis, rows(state.coef)), model_state, data, batch, key, hyper, **static)
+        u_basis, basis_adam = adam.update(g_basis, state.opt_state.basis)
+        u_coef_b, coef_adam_b = jax.vmap(adam.update)(g_coef_b, rows(state.opt_state.coef))
+        basis = optax.apply_updates(state.basis, jax.tree.map(lambda u: -lr * u, u_basis))
+        coef_b = optax.apply_updates(rows(state.coef), jax.tree.map(lambda u: -lr * u, u_coef_b))
+        put = lambda full, part: jax.tree.map(lambda x, y: x.at[ks].set(y), full, part)
+        opt_state = SparseAdamState(basis_adam, put(state.opt_state.coef, coef_adam_b))
+        return FitState(basis, put(state.coef, coef_b), opt_state, state.step + 1), metrics
     grads, metrics = jax.grad(fit_loss, has_aux=True)(
-        (state.basis, state.coef), model_state, data, key, hyper, model_graphdef=model_graphdef,
-        op_graphdef=op_graphdef, steer_cfg=steer_cfg, shape=shape, log_space=log_space, loss_floor=loss_floor,
-        batch_sharding=batch_sharding)
-    updates, opt_state = optax.scale_by_adam().update(grads, state.opt_state)
-    updates = jax.tree.map(lambda u: -hyper["learning_rate"] * u, updates)
+        (state.basis, state.coef), model_state, data, key, hyper, batch_sharding=batch_sharding, **static)
+    updates, opt_state = adam.update(grads, state.opt_state)
+    updates = jax.tree.map(lambda u: -lr * u, updates)
     basis, coef = optax.apply_updates((state.basis, state.coef), updates)
     return FitState(basis, coef, opt_state, state.step + 1), metrics
 
@@ -244,11 +298,15 @@ _fit_step = jax.jit(fit_step, static_argnames=_STATIC, donate_argnums=(0,))
 
 def _place_state(state: FitState, mesh: Mesh, axis: str, put) -> FitState:
     """`put(tree, sharding)` on every part of the state: the K-axis operator matrices and their
-    Adam moments split over `mesh[axis]`, the shared basis, step and Adam count replicated."""
+    Adam moments (and, for sparse updates, their per-operator counts) split over `mesh[axis]`; the
+    shared basis, its Adam state and the step replicated."""
     rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
-    adam = state.opt_state  # optax.ScaleByAdamState(count, mu, nu); mu and nu mirror (basis, coef)
-    moments = lambda m: (put(m[0], rep), put(m[1], split))
-    adam = adam._replace(count=put(adam.count, rep), mu=moments(adam.mu), nu=moments(adam.nu))
+    adam = state.opt_state
+    if isinstance(adam, SparseAdamState):  # per-operator counts and moments split like the operators
+        adam = SparseAdamState(put(adam.basis, rep), put(adam.coef, split))
+    else:  # optax.ScaleByAdamState(count, mu, nu); mu and nu mirror (basis, coef)
+        moments = lambda m: (put(m[0], rep), put(m[1], split))
+        adam = adam._replace(count=put(adam.count, rep), mu=moments(adam.mu), nu=moments(adam.nu))
     return FitState(put(state.basis, rep), put(state.coef, split), adam, put(state.step, rep))
 
 
@@ -274,11 +332,31 @@ def jl_sketch(design: Design, sketch_dim: int, seed: int) -> jax.Array:
 
 
 def fit_identity(model: nnx.Module, examples, design: Design, cfg: StrideConfig) -> dict[str, Any]:
-    """What a fit depends on: the model's parameters, the pool's tokens and ids, the settings."""
+    """What a fit depends on: the model's parameters, the pool's tokens and ids, the settings.
+
+    `cfg` is the fitter's resolved config (its `fit.steps` the resolved count), so
+    `updates_per_operator` is left out, and `sparse_updates` appears only when true: fits made
+    before these fields existed keep their identity, and a sparse fit never resumes a dense one.
+    """
+    config = {k: to_dict(getattr(cfg, k)) for k in ("design", "steering", "fit")}
+    config["fit"].pop("updates_per_operator", None)
+    if not cfg.fit.sparse_updates:
+        config["fit"].pop("sparse_updates", None)
     return {"kind": "stride-fit", "format_version": FORMAT_VERSION, "model": models.param_digest(model),
-            "data": examples.content_hash(), "design": design.fingerprint(),
-            "config": {k: to_dict(getattr(cfg, k)) for k in ("design", "steering", "fit")},
+            "data": examples.content_hash(), "design": design.fingerprint(), "config": config,
             "measure": {"space": cfg.measure.space, "loss_floor": cfg.measure.loss_floor}}
+
+
+def _resolve_steps(fit_cfg: FitConfig, n_subsets: int) -> int:
+    """`fit_cfg.resolve_steps(K)`, logged; a warning when it overrides a `steps` set by hand."""
+    steps = fit_cfg.resolve_steps(n_subsets)
+    if fit_cfg.updates_per_operator is not None:
+        log.info("fit: %d steps (updates_per_operator %d x K %d / subsets_per_step %d)", steps,
+                 fit_cfg.updates_per_operator, n_subsets, fit_cfg.subsets_per_step)
+        if fit_cfg.steps not in (steps, FitConfig.steps):
+            log.warning("fit.steps=%d is ignored: fit.updates_per_operator=%d sets %d steps at K=%d",
+                        fit_cfg.steps, fit_cfg.updates_per_operator, steps, n_subsets)
+    return steps
 
 
 class Fitter:
@@ -298,6 +376,10 @@ class Fitter:
     over examples with `shard_pool=True` (N a multiple of the axis size; less memory per
     device, a gather per step). XLA partitions each step from these layouts. Results equal
     the single-device fit up to float32 reassociation; checkpoints are the same files.
+
+    The step count is `cfg.fit.resolve_steps(K)` (recorded in `self.cfg.fit.steps`); with
+    `cfg.fit.sparse_updates` a step reads and writes only its own operators and their Adam
+    state (`SparseAdamState`), so its cost does not grow with K.
     """
 
     def __init__(self, model: nnx.Module, examples, design: Design, cfg: StrideConfig, *,
@@ -316,7 +398,8 @@ class Fitter:
                 raise ValueError(f"shard_pool=True needs the pool size N={len(examples)} to be a multiple of the "
                                  f"{n_dev} devices of mesh axis {self.axis!r}")
         steer_cfg = cfg.steering.resolve(model.n_layers)
-        self.cfg = cfg.replace(steering={"layer": steer_cfg.layer, "depth_fraction": None})
+        steps = _resolve_steps(cfg.fit, design.n_subsets)
+        self.cfg = cfg.replace(steering={"layer": steer_cfg.layer, "depth_fraction": None}, fit={"steps": steps})
         self.design = design
         self.workdir = Path(workdir) if workdir is not None else None
         if self.workdir is not None:  # check identity before any work, so a rejected rerun costs nothing
@@ -337,7 +420,7 @@ class Fitter:
         )
         bank = steering.init_bank(model, design.n_subsets, steer_cfg, seed=cfg.fit.seed)
         self.op_graphdef = bank.graphdef
-        self.state = FitState(bank.basis, bank.coef, optax.scale_by_adam().init((bank.basis, bank.coef)),
+        self.state = FitState(bank.basis, bank.coef, init_opt_state(bank.basis, bank.coef, cfg.fit.sparse_updates),
                               jnp.asarray(0))
         self._step = 0
         self.base_key = jax.random.PRNGKey(cfg.fit.seed)
@@ -371,16 +454,20 @@ class Fitter:
         if not ckpts:
             return
         step, path = ckpts[-1]
-        arrays = store.load_npz(path / "state.npz")
+        remedy = f"delete the directory {path} to resume from the checkpoint before it (or from the start)"
+        try:
+            arrays = store.load_npz(path / "state.npz")
+            meta = store.read_json(path / "meta.json")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}); {remedy}") from e
         leaves, treedef = jax.tree_util.tree_flatten(self._pure(self.state))
         if len(arrays) != len(leaves) or any(arrays[f"a{i}"].shape != np.shape(x) for i, x in enumerate(leaves)):
-            raise ValueError(f"checkpoint {path} does not fit this fit's state (shapes differ); delete it")
+            raise ValueError(f"checkpoint {path} does not fit this fit's state (shapes differ); {remedy}")
         restored = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[f"a{i}"]) for i in range(len(leaves))])
         self.state = self._unpure(restored)
         if self.mesh is not None:
             self.state = _place_state(self.state, self.mesh, self.axis, jax.device_put)
         self._step = int(step)
-        meta = store.read_json(path / "meta.json")
         self.initial_loss = meta.get("initial_loss")
         self._truncate_log(self._step)
 
@@ -406,10 +493,27 @@ class Fitter:
             shutil.rmtree(old, ignore_errors=True)
 
     def _truncate_log(self, step: int) -> None:
+        """Keep the metrics of steps <= `step` (the checkpoint resumed from). A torn last line (a
+        kill while it was written) is dropped; a bad line elsewhere is an error naming the file."""
         path = self.workdir / "metrics.jsonl"
-        if path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-            store.atomic_write(path, "".join(ln + "\n" for ln in lines))
+        if not path.exists():
+            return
+        text = path.read_text()
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        kept = []
+        for i, ln in enumerate(lines):
+            try:
+                record = json.loads(ln)
+                record_step = int(record["step"])
+            except (ValueError, KeyError, TypeError) as e:
+                if i == len(lines) - 1 and not text.endswith("\n"):
+                    log.warning("%s: dropped a torn last line (%d characters)", path, len(ln))
+                    break
+                raise ValueError(f"{path} line {i + 1} is not a metrics record ({e}); delete the file "
+                                 "(it holds only logs) to resume") from None
+            if record_step <= step:
+                kept.append(ln)
+        store.atomic_write(path, "".join(ln + "\n" for ln in kept))
 
     # -- running -------------------------------------------------------------------------------
     @property
@@ -483,5 +587,5 @@ def fit_operators(model: nnx.Module, examples, design: Design, cfg: StrideConfig
     return Fitter(model, examples, design, cfg, workdir=workdir, progress=progress, mesh=mesh).run(progress=progress)
 
 
-__all__ = ["FitData", "FitState", "Fitter", "compute_features", "fit_identity", "fit_loss", "fit_operators",
-           "fit_step", "jl_sketch", "ridge_residual", "sample_batch"]
+__all__ = ["FitData", "FitState", "Fitter", "SparseAdamState", "batch_loss", "compute_features", "fit_identity",
+           "fit_loss", "fit_operators", "fit_step", "init_opt_state", "jl_sketch", "ridge_residual", "sample_batch"]

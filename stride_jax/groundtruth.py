@@ -77,14 +77,12 @@ class GroundTruthConfig:
     models_per_chunk: int = 8
 
     def __post_init__(self):
-        if self.n_subsets < 1:
-            raise ValueError(f"n_subsets must be >= 1, got {self.n_subsets}")
-        if not 0.0 < self.alpha < 1.0:
-            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
-        if self.seeds_per_subset < 1:
-            raise ValueError(f"seeds_per_subset must be >= 1, got {self.seeds_per_subset}")
-        if self.models_per_chunk < 1:
-            raise ValueError(f"models_per_chunk must be >= 1, got {self.models_per_chunk}")
+        for name in ("n_subsets", "seeds_per_subset", "models_per_chunk", "seed"):
+            value, low = getattr(self, name), 0 if name == "seed" else 1
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+                raise ValueError(f"groundtruth.{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"groundtruth.alpha must be in (0, 1), got {self.alpha!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -183,6 +183,11 @@ def _summarise(per_query: np.ndarray, boot: np.ndarray) -> LDSResult:
     return LDSResult(mean=mean, ci95=ci95, n_nan=n_nan, per_query=per_query)
 
 
+def _check_n_boot(n_boot: int) -> None:
+    if not isinstance(n_boot, (int, np.integer)) or isinstance(n_boot, bool) or n_boot < 1:
+        raise ValueError(f"n_boot (bootstrap resamples) must be an integer >= 1, got {n_boot!r}")
+
+
 def _check_finite(name: str, x: np.ndarray) -> None:
     n_bad = int(x.size - np.isfinite(x).sum())
     if n_bad:
@@ -293,6 +298,15 @@ def lds(
         raise ValueError(f"losses_MxQ has {losses_MxQ.shape[1]} queries (columns), scores_NxQ has {q}")
     if m < 3:
         raise ValueError(f"LDS needs at least 3 subsets, got M={m}")
+    if subset_idx_MxNs.shape[1] > 1:
+        sorted_MxNs = np.sort(subset_idx_MxNs, axis=1)
+        dup_M = (np.diff(sorted_MxNs, axis=1) == 0).any(axis=1)
+        if dup_M.any():
+            j = int(np.flatnonzero(dup_M)[0])
+            twice = int(sorted_MxNs[j][1:][np.diff(sorted_MxNs[j]) == 0][0])
+            raise ValueError(f"subset_idx_MxNs: subset {j} lists example {twice} twice ({int(dup_M.sum())} subsets "
+                             "hold duplicate indices); a subset is a set of distinct training examples")
+    _check_n_boot(n_boot)
     _check_finite("losses_MxQ", losses_MxQ)
     _check_finite("scores_NxQ", scores_NxQ.values if sparse else scores_NxQ)
     g_MxQ = predict_subset_sums(scores_NxQ, subset_idx_MxNs)
@@ -320,6 +334,7 @@ def noise_ceiling(
         raise ValueError(f"losses_a_MxQ {a.shape} and losses_b_MxQ {b.shape} must have one shape")
     if a.shape[0] < 3:
         raise ValueError(f"the noise ceiling needs at least 3 subsets, got M={a.shape[0]}")
+    _check_n_boot(n_boot)
     _check_finite("losses_a_MxQ", a)
     _check_finite("losses_b_MxQ", b)
     return _summarise(spearman(a, b), _joint_bootstrap(a, b, n_boot, seed))

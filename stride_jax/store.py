@@ -251,7 +251,15 @@ def check_writable_dir(path: str | os.PathLike, role: str = "output directory") 
 
 def stored_identity(path: str | os.PathLike) -> dict[str, Any] | None:
     p = Path(path) / IDENTITY_FILE
-    return read_json(p) if p.exists() else None
+    if not p.exists():
+        return None
+    try:
+        stored = read_json(p)
+    except (OSError, ValueError) as e:  # without its identity the directory cannot be reused: it must go whole
+        raise ValueError(f"{p} is unreadable or corrupt; delete the directory {path} to recompute it") from e
+    if not isinstance(stored, dict):
+        raise ValueError(f"{p} does not hold an identity; delete the directory {path} to recompute it")
+    return stored
 
 
 def check_identity(path: str | os.PathLike, identity: Mapping[str, Any], what: str = "artefact") -> None:
@@ -297,7 +305,9 @@ class Lock:
 
     `Lock(dir)` as a context manager refuses at once with `LockedError` when another process
     holds it, or waits up to `timeout` seconds. The lock dies with the process (fcntl), so a
-    killed run never leaves a stale lock behind. Re-entrant within one process.
+    killed run never leaves a stale lock behind. Re-entrant within one process. Taking it
+    removes the temporary files of killed writes in `dir` (`clean_leftovers`): while the lock
+    is held no other process writes there.
     """
 
     _held: dict[str, int] = {}
@@ -331,6 +341,7 @@ class Lock:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
         Lock._held[key] = 1
+        clean_leftovers(self.directory)  # no one else writes here while we hold the lock: any .tmp-* is a dead write's
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -80,6 +80,8 @@ class TrainConfig:
             raise ValueError("epochs and learning_rate must be positive")
         if not 0 <= self.warmup_frac < 1 or not 0 <= self.final_lr_frac <= 1:
             raise ValueError("warmup_frac must be in [0, 1) and final_lr_frac in [0, 1]")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip (the bound on the gradient's global norm) must be > 0, got {self.grad_clip}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -795,12 +797,15 @@ def finetune_many(
 def pretrain(
     model_cfg: models.ModelConfig, examples, cfg: TrainConfig, seed: int, *, progress: bool = True
 ) -> nnx.Module:
-    """One model trained on all of `examples` (train_many with M = 1)."""
+    """One model trained on all of `examples` (train_many with M = 1); it records the examples'
+    tokenizer, so `save_model` saves it and STRIDE refuses pools of another tokenizer."""
     all_idx = np.arange(len(examples.inputs), dtype=np.int32)[None]
     graphdef, state_M = train_many(
         model_cfg, examples, all_idx, np.array([seed]), cfg, progress=progress, desc="pretrain"
     )
-    return unstack(graphdef, state_M, 0)
+    model = unstack(graphdef, state_M, 0)
+    models.checkpoint.attach_tokenizer(model, getattr(examples, "tokenizer", None))
+    return model
 
 
 class Checkpoint(NamedTuple):

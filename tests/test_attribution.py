@@ -193,3 +193,51 @@ def test_presets_are_named_and_validated():
     assert StrideConfig.preset("quick", fit={"steps": 3}).fit.steps == 3
     with pytest.raises(ValueError, match="unknown preset"):
         StrideConfig.preset("huge")
+
+
+# --- issue 22: K from the pool (design.n_subsets="auto"), the knee warning, the prior through with_config
+
+
+def test_auto_subsets_follow_the_pool_and_the_caps():
+    cfg = StrideConfig().replace(design={"n_subsets": "auto", "per_example": 4}, fit={"subsets_per_step": 32})
+    assert cfg.resolve_subsets(100).design.n_subsets == 100  # auto_ratio 1: K = n
+    assert cfg.replace(design={"auto_ratio": 2.0}).resolve_subsets(100).design.n_subsets == 200
+    assert cfg.replace(design={"auto_ratio": 10.0}).resolve_subsets(10).design.n_subsets == 40  # <= n d
+    assert cfg.replace(design={"max_subsets": 50}).resolve_subsets(100).design.n_subsets == 50
+    small = cfg.resolve_subsets(6)
+    assert small.design.n_subsets == 6 and small.fit.subsets_per_step == 6  # a step cannot hold more than K
+    fixed = StrideConfig().replace(design={"n_subsets": 64})
+    assert fixed.resolve_subsets(10**6) is fixed
+    for bad in ({"auto_ratio": 0}, {"auto_ratio": float("inf")}, {"n_subsets": "many"}):
+        with pytest.raises((TypeError, ValueError), match="design"):
+            StrideConfig().replace(design=bad)
+
+
+def test_auto_subsets_reach_the_fit_and_a_small_k_warns_once(planted, caplog):
+    model, pool, queries, _ = planted
+    auto = PLANTED_CFG.replace(design={"n_subsets": "auto"}, fit={"steps": 5})
+    with caplog.at_level(logging.WARNING, logger="stride_jax"):
+        stride = Stride(auto).fit(model, pool, progress=False)
+    assert stride.cfg.design.n_subsets == len(pool) and stride.design.n_subsets == len(pool)
+    assert "below the knee" not in caplog.text
+    small = PLANTED_CFG.replace(design={"n_subsets": 16}, fit={"steps": 5})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stride_jax"):
+        Stride(small).fit(model, pool, progress=False)
+        Stride(small).fit(model, pool, progress=False)
+    assert caplog.text.count("below the knee") == 1 and "K=16" in caplog.text and "n=64" in caplog.text
+
+
+def test_prior_recovery_through_with_config_uses_the_pools_features(planted):
+    """A sweep shares one fit between Lasso and prior variants: the prior's features are computed
+    on demand from the fitted pool (not refused), once, and recovery converges."""
+    _, pool, queries, stride = planted
+    assert stride.prior_features is None
+    variant = stride.with_config(PLANTED_CFG.replace(recovery={"solver": "ridge", "prior": "features",
+                                                               "prior_dim": 8}))
+    attr = variant.attribute(queries, progress=False)
+    assert variant.prior_features.shape == (len(pool), 8) and attr.n_not_converged == 0
+    assert attr.fit_identity == stride.fit_identity is not None
+    assert variant.recovery_info["solver"] == "ridge" and len(variant.recovery_info["cv"]) > 1
+    # the planted examples still lead the query they alone teach
+    assert set(PLANTED) <= {i for i, _ in attr.top_k(0, k=8)}

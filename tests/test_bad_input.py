@@ -1,13 +1,20 @@
 """Bad input, one table: every public entry rejects it before any compile, naming the argument."""
 
 import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from stride_jax import Examples, Stride, StrideConfig, data, lds, models, recovery, store, train
-from stride_jax.config import (DesignConfig, FitConfig, MeasureConfig, RecoveryConfig, SteeringConfig, from_dict)
+from stride_jax.attribution import Attribution
+from stride_jax.config import (DesignConfig, FitConfig, MeasureConfig, RecoveryConfig, SteeringConfig, from_dict,
+                               load_config_file)
+from stride_jax.harness.config import ExperimentConfig
 from stride_jax.design import Design, alpha_subsets, indices_to_mask, left_regular_design
 from stride_jax.groundtruth import GroundTruthConfig
 
@@ -45,6 +52,22 @@ MLP_MODEL = models.build(MLP, 0)
 
 def fit(model, examples, cfg=QUICK):
     return Stride(cfg).fit(model, examples, progress=False)
+
+
+def experiment(d):
+    return ExperimentConfig.from_dict(d)
+
+
+def config_file(text, suffix=".yaml"):
+    path = Path(tempfile.mkdtemp()) / f"c{suffix}"
+    path.write_text(text)
+    return path
+
+
+def attribute_cmd(**kw):
+    from stride_jax.harness.attribute import attribute
+
+    return attribute(model="model.gguf", train="t.jsonl", queries="q.jsonl", out=tempfile.mkdtemp(), **kw)
 
 
 def bad_ids():
@@ -193,6 +216,53 @@ CASES = [
                                                           train.TrainConfig(batch_size=8)), ValueError, "batch_size"),
     ("seeds shape", lambda: train.train_many(MLP, clf(), np.arange(8)[None], np.array([0, 1]),
                                              train.TrainConfig(batch_size=4)), ValueError, "seeds"),
+    # --- issue 25: inputs that used to run silently
+    ("grad_clip -1", lambda: train.TrainConfig(grad_clip=-1.0), ValueError, "grad_clip"),
+    ("rank 10^7", lambda: fit(GPT_MODEL, lm(), QUICK.replace(steering={"rank": 10**7})), ValueError,
+     r"steering.rank=10000000 makes an operator bank of .* GiB"),
+    ("positions 10^6", lambda: fit(GPT_MODEL, lm(), QUICK.replace(fit={"positions_per_example": 10**6})), ValueError,
+     "fit.positions_per_example=1000000 exceeds the sequence length T=6"),
+    ("gt subsets 8.5", lambda: GroundTruthConfig(n_subsets=8.5), ValueError, "groundtruth.n_subsets must be an integer"),
+    ("gt seed -1", lambda: GroundTruthConfig(seed=-1), ValueError, "groundtruth.seed"),
+    ("top_k k=-1", lambda: Attribution(np.zeros((3, 2)), np.arange(3), np.arange(2)).top_k(0, k=-1), ValueError,
+     "k .* must be an integer >= 1"),
+    ("top_k k=0", lambda: Attribution(np.zeros((3, 2)), np.arange(3), np.arange(2)).top_k(0, k=0), ValueError, "k"),
+    ("--top-k -1", lambda: attribute_cmd(top_k=-1), ValueError, "--top-k"),
+    ("design K 2.7 (library)", lambda: left_regular_design(10, 2.7, 2, 0), ValueError, "n_subsets must be an integer"),
+    ("design K '8' (library)", lambda: left_regular_design(10, "8", 2, 0), ValueError, "n_subsets must be an integer"),
+    ("design K 2.7 (dataclass)", lambda: DesignConfig(n_subsets=2.7), ValueError, "design.n_subsets"),
+    ("design K 2.7 (YAML)", lambda: StrideConfig.from_dict({"design": {"n_subsets": 2.7}}), TypeError,
+     "design.n_subsets must be an integer"),
+    ("design K '8' (YAML)", lambda: StrideConfig.from_dict({"design": {"n_subsets": "8"}}), TypeError,
+     "design.n_subsets must be an integer"),
+    ("design K '8' (harness)", lambda: experiment({"stride": {"design": {"n_subsets": "8"}}}), TypeError,
+     "design.n_subsets must be an integer"),
+    ("design K 2.7 (harness variant)", lambda: experiment({"variants": {"v": {"design": {"n_subsets": 2.7}}}}),
+     TypeError, "design.n_subsets must be an integer"),
+    ("design seed -1", lambda: DesignConfig(seed=-1), ValueError, "design.seed"),
+    ("fit seed -1", lambda: FitConfig(seed=-1), ValueError, "fit.seed"),
+    ("LDS duplicate indices", lambda: lds.lds(np.zeros((5, 2)), np.array([[0, 1], [2, 2], [3, 4]]), np.zeros((3, 2))),
+     ValueError, "subset 1 lists example 2 twice"),
+    ("LDS n_boot 0", lambda: lds.lds(np.zeros((5, 2)), np.array([[0, 1]] * 3), np.zeros((3, 2)), n_boot=0),
+     ValueError, "n_boot"),
+    ("ceiling n_boot 0", lambda: lds.noise_ceiling(np.zeros((3, 2)), np.zeros((3, 2)), n_boot=0), ValueError, "n_boot"),
+    ("harness n_boot 0", lambda: experiment({"n_boot": 0}), ValueError, "n_boot"),
+    ("harness select.n_boot 0", lambda: experiment({"variants": {"a": {}}, "select": {"n_boot": 0}}), ValueError,
+     "select.n_boot"),
+    ("show_examples -1", lambda: experiment({"show_examples": -1}), ValueError, "show_examples"),
+    ("duplicate YAML keys", lambda: load_config_file(config_file("fit:\n  steps: 3\n  lr: 1\n  steps: 4\n")),
+     ValueError, r"key 'steps' appears twice in one mapping \(lines 2 and 4\)"),
+    ("duplicate JSON keys", lambda: load_config_file(config_file('{"a": 1, "a": 2}', ".json")), ValueError,
+     "key 'a' twice"),
+    ("name ../../escape", lambda: experiment({"name": "../../escape"}), ValueError, "name '../../escape'"),
+    ("cell name ..", lambda: experiment({"cells": [{"name": ".."}]}), ValueError, "cells"),
+    ("method name a/../../b", lambda: experiment({"methods": [{"name": "a/../../b", "method": "random"}]}),
+     ValueError, "method name"),
+    ("harness ground truth < 3 subsets", lambda: experiment({"task": {"groundtruth": {"n_subsets": 2}}}), ValueError,
+     "at least 3 subsets"),
+    ("harness seed -1", lambda: experiment({"task": {"model": {"seed": -1}}}), ValueError, "task.model.seed"),
+    ("harness split seed -1", lambda: experiment({"task": {"kind": "classifier", "split": {"seed": -1}}}), ValueError,
+     "task.split.seed"),
 ]
 
 
@@ -236,3 +306,132 @@ def test_queries_are_checked_at_attribute(tmp_path):
         stride.attribute(lm(seq=8), progress=False)
     with pytest.raises(ValueError, match="no queries"):
         stride.attribute(lm()[np.arange(0)], progress=False)
+
+
+# --- issue 25: legal but surely a mistake -> a warning naming the numbers
+
+
+def test_a_tiny_fit_learning_rate_warns():
+    with pytest.warns(UserWarning, match=r"fit.learning_rate=1e-30 is below 1e-06.*20 steps"):
+        StrideConfig.preset("quick", fit={"learning_rate": 1e-30})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        StrideConfig.preset("quick")  # the defaults stay silent
+
+
+def test_a_pretraining_that_collapses_to_ln_v_warns():
+    from stride_jax.harness import tasks
+    from stride_jax.harness.config import LMTask
+
+    task = LMTask(pretrain=train.TrainConfig(learning_rate=1e8, epochs=2.0, batch_size=5))
+    model = train.pretrain(GPT, lm(), task.pretrain, seed=0, progress=False)
+    loss = float(train.eval_loss(model, lm()).mean())
+    with pytest.warns(UserWarning, match=r"training loss 2.77\d is at or near ln V = ln\(16\) = 2.773.*learning_rate 1e\+08"):
+        tasks.warn_if_not_learned(task, model, loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tasks.warn_if_not_learned(task, model, 0.5 * np.log(16))  # a model that learned: silent
+
+
+def test_with_config_measures_a_new_reference_size():
+    stride = fit(GPT_MODEL, lm())
+    assert stride.with_config(QUICK.replace(recovery={"lambda_frac": 0.1})).reference is stride.reference
+    other = stride.with_config(QUICK.replace(measure={"n_reference": 4}))  # not silently the old 64-row one
+    fresh = fit(GPT_MODEL, lm(), QUICK.replace(measure={"n_reference": 4}))
+    assert other.reference.member_PxK.shape[0] == 4
+    np.testing.assert_array_equal(other.reference.member_PxK, fresh.reference.member_PxK)
+    np.testing.assert_allclose(other.reference.measurement.steered_loss_QxK,
+                               fresh.reference.measurement.steered_loss_QxK, rtol=1e-6)
+    assert stride.with_config(QUICK.replace(measure={"n_reference": 4, "reference": "queries"})).reference \
+        is stride.reference  # no reference used: kept
+
+
+# --- issue 25: every check the harness can do without training comes before it
+
+
+TINY_LM = {"name": "tiny", "task": {"kind": "lm", "data": {"train_per_source": 4, "val_queries_per_source": 1,
+                                                           "test_queries_per_source": 1, "seq_len": 16},
+                                    "model": {"n_layers": 1, "d_model": 16, "n_heads": 2},
+                                    "pretrain": {"epochs": 1.0, "batch_size": 4},
+                                    "retrain": {"epochs": 1.0, "batch_size": 2},
+                                    "groundtruth": {"n_subsets": 3, "seeds_per_subset": 1, "alpha": 0.5}},
+           "stride": {"design": {"n_subsets": 8, "per_example": 2}, "steering": {"rank": 1},
+                      "fit": {"steps": 2, "subsets_per_step": 4}},
+           "methods": ["stride", "random"], "n_boot": 10}
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"stride": {"design": {"n_subsets": 64, "per_example": 2}}}, "too large for 12 training examples"),
+    ({"stride": {"steering": {"layer": 3}}}, "steering.layer 3 is beyond the model's depth"),
+    ({"methods": [{"name": "sim", "method": "repr-sim", "params": {"layer": 5}}]}, "beyond the model's depth"),
+    ({"stride": {"fit": {"positions_per_example": 1000}}}, "positions_per_example=1000 exceeds"),
+    ({"task": {"retrain": {"batch_size": 8}}}, "fewer than the retraining batch_size=8"),
+])
+def test_the_harness_checks_before_pretraining(tmp_path, monkeypatch, override, match):
+    from stride_jax.config import merge
+    from stride_jax.harness import experiment as experiment_lib
+
+    monkeypatch.setattr(experiment_lib.tasks_lib, "prepare", lambda *a, **k: pytest.fail("prepared before the check"))
+    with pytest.raises(ValueError, match=match):
+        experiment_lib.run(experiment(merge(TINY_LM, override)), tmp_path / "out", progress=False)
+
+
+# --- issue 25: no dead ends; a message that says "delete X" is true when followed
+
+
+def _flip_a_byte(path):
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_a_corrupt_method_result_is_recomputed_and_stale_temporaries_go(tmp_path):
+    from stride_jax.harness import runner
+    from stride_jax.harness.config import MethodSpec, task_from_dict
+
+    task, spec = task_from_dict(TINY_LM["task"]), MethodSpec(name="random")
+    first, _ = runner.run_method(task, tmp_path, spec, QUICK)
+    scores = tmp_path / "methods" / "random" / "scores"
+    (scores / ".tmp-killed.npz").write_bytes(b"half")  # a killed save beside a finished result
+    runner.run_method(task, tmp_path, spec, QUICK)
+    assert not list(scores.glob(".tmp-*"))
+    for damage in (lambda: _flip_a_byte(scores / "scores.npz"), lambda: (scores / "scores.npz").unlink(),
+                   lambda: (tmp_path / "methods" / "random" / "run.json").write_text("{torn")):
+        damage()
+        (scores / ".tmp-killed.npz").write_bytes(b"half")
+        again, record = runner.run_method(task, tmp_path, spec, QUICK)
+        np.testing.assert_array_equal(again.dense(), first.dense())
+        assert record["method"] == "random" and not list(scores.glob(".tmp-*"))
+
+
+def test_a_corrupt_fit_checkpoint_names_what_to_delete(tmp_path):
+    cfg = QUICK.replace(fit={"steps": 2, "checkpoint_every": 1})
+    Stride(cfg).fit(GPT_MODEL, lm(), workdir=tmp_path, progress=False)
+    last = sorted((tmp_path / "checkpoints").glob("step_*"))[-1]
+    _flip_a_byte(last / "state.npz")
+    with pytest.raises(ValueError, match=f"delete the directory {last}") as e:
+        Stride(cfg).fit(GPT_MODEL, lm(), workdir=tmp_path, progress=False)
+    (last / "state.npz").unlink()  # what the old message said: the same error again, never a traceback
+    with pytest.raises(ValueError, match=f"delete the directory {last}"):
+        Stride(cfg).fit(GPT_MODEL, lm(), workdir=tmp_path, progress=False)
+    shutil.rmtree(last)  # what the message says: the fit resumes from the checkpoint before it
+    Stride(cfg).fit(GPT_MODEL, lm(), workdir=tmp_path, progress=False)
+    assert "corrupt" in str(e.value)
+
+
+def test_a_changed_architecture_is_a_new_base_model_not_a_stale_one(tmp_path):
+    from stride_jax.harness import tasks
+    from stride_jax.harness.config import task_from_dict
+
+    task = task_from_dict(TINY_LM["task"])
+    wider = task_from_dict({**TINY_LM["task"], "model": {**TINY_LM["task"]["model"], "d_model": 24}})
+    train_ = tasks.load_data(task)[0]
+    assert tasks.base_model(task, train_, tmp_path).cfg.d_model == 16
+    with pytest.raises(store.IdentityError, match=r"model_config.d_model: stored 16, now 24.*delete (\S+)") as e:
+        tasks.base_model(wider, train_, tmp_path)
+    shutil.rmtree(tmp_path / "base_model")  # as the message says
+    assert str(tmp_path / "base_model") in str(e.value)
+    assert tasks.base_model(wider, train_, tmp_path).cfg.d_model == 24
+    _flip_a_byte(tmp_path / "base_model" / "metadata.json")
+    with pytest.raises(ValueError, match=f"delete the directory {tmp_path / 'base_model'}"):
+        tasks.base_model(wider, train_, tmp_path)

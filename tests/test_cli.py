@@ -62,3 +62,87 @@ def test_expected_failures_are_one_line(tmp_path, capsys, monkeypatch, args, mat
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert match in err and err.count("\n") == 1
+
+
+@pytest.mark.slow  # ~45 s on 2 cores (one fit compile); test_summary_lists_the_top_3 is its fast part
+def test_attribute_chooses_the_preset_and_prints_the_top_examples(tmp_path, capsys):
+    """No --preset: a stride_jax GPT (saved with its tokenizer, no tokenizer_hash) gets `lm` with K
+    fitted to the pool; queries get their own length; the run ends with each query's top 3."""
+    cfg = models.GPTConfig(vocab_size=data.VOCAB_SIZE, seq_len=48, n_layers=1, d_model=16, n_heads=2)
+    models.save_model(models.build(cfg, 0), tmp_path / "model", tokenizer=data.load_tokenizer())
+    pool = data.load_examples("train", seq_len=12, max_per_source=4)
+    data.write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in pool.texts])
+    data.write_jsonl(tmp_path / "q.jsonl", [{"text": "And God said, Let there be light, and there was light; "
+                                             "and God saw the light, that it was good"}, {"text": "Emma"}])
+    (tmp_path / "over.yaml").write_text("fit: {steps: 3, checkpoint_every: 3}\n")
+    args = ["attribute", "--model", str(tmp_path / "model"), "--train", str(tmp_path / "t.jsonl"), "--queries",
+            str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "out"), "--config", str(tmp_path / "over.yaml"),
+            "--no-progress"]
+    assert cli.main(args) == 0
+    resolved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert resolved["preset"] == "lm" and "capped from 2048 to 12" in resolved["preset_reason"]
+    assert resolved["stride"]["design"]["n_subsets"] == 12 and resolved["stride"]["fit"]["steps"] == 3
+    assert resolved["query_seq_len"] > resolved["seq_len"]  # the long query is not cut to the pool's length
+    printed = capsys.readouterr().out
+    assert printed.count("\n  +") + printed.count("\n  -") == 6  # 3 scored lines for each of 2 queries
+    assert "query 0: 'And God said" in printed and str(tmp_path / "out" / "scores.npz") in printed
+    assert "top_k.jsonl" in printed
+
+
+def test_only_deliberate_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    """Issue 25: a bug (a KeyError, a TypeError of a wrong call) prints its traceback; an error the
+    package raises on purpose (even a TypeError) is one line; STRIDE_JAX_DEBUG shows its traceback."""
+    monkeypatch.delenv("STRIDE_JAX_DEBUG", raising=False)
+
+    def bug(args):
+        return {}["missing"]
+
+    monkeypatch.setattr(cli, "cmd_config", bug)
+    assert cli.main(["config", "quick"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError" in err and "a bug" in err
+
+    monkeypatch.setattr(cli, "cmd_config", lambda args: data.lm_examples(5, 4))  # len(5) inside stride_jax
+    assert cli.main(["config", "quick"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    (tmp_path / "bad.yaml").write_text("name: x\ntask: [1, 2]\n")  # a deliberate TypeError of the config loader
+    assert cli.main(["config", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "mapping" in err
+
+    monkeypatch.setenv("STRIDE_JAX_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        cli.main(["run", str(tmp_path / "none.yaml")])
+
+
+def test_no_pytorch_warning(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from stride_jax import cli; {main} import transformers; "
+            "from stride_jax import data; data.load_tokenizer()")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    with_cli = subprocess.run([sys.executable, "-c", code.format(main="cli.main(['config', 'quick']);")],
+                              capture_output=True, text=True, env=env, timeout=300)
+    assert with_cli.returncode == 0, with_cli.stderr
+    assert "PyTorch was not found" not in with_cli.stderr
+
+
+def test_summary_lists_the_top_3(tmp_path):
+    from stride_jax.harness.attribute import summary
+
+    helpful = [{"train_id": i, "score": 0.5 - i / 10, "record": {"text": f"train text {i} " + "word " * 40}}
+               for i in range(5)]
+    data.write_jsonl(tmp_path / "top_k.jsonl", [
+        {"query_id": 7, "record": {"prompt": "Who?", "response": "Emma."}, "converged": True, "helpful": helpful},
+        {"query_id": 8, "record": {"text": "a text"}, "converged": False, "helpful": helpful}])
+    text = summary(tmp_path, k=3, width=60)
+    lines = text.splitlines()
+    assert "query 7: 'Who? => Emma.'" in lines and any(l.startswith("query 8: 'a text'") and "not converged" in l
+                                                       for l in lines)
+    scored = [l for l in lines if l.startswith("  +")]
+    assert len(scored) == 6 and scored[0].startswith("  +5.000e-01  train 0: 'train text 0 word")
+    assert all(len(l.split(": ", 1)[1]) <= 60 - 10 + 2 for l in scored) and "..." in scored[0]  # shortened
+    assert str(tmp_path / "scores.npz") in text and str(tmp_path / "top_k.jsonl") in text

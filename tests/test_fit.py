@@ -1,16 +1,22 @@
 """Operator fitting: sampling obeys the subsets, losses match hand computation, resume ==
 uninterrupted, no recompilation for new hyperparameters, banks survive later runs."""
 
+import json
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from stride_jax import Examples, models, steering
+from stride_jax import Examples, Stride, models, sharding, steering, store
 from stride_jax import measure as measure_lib
-from stride_jax.config import SteeringConfig, StrideConfig
+from stride_jax.config import FitConfig, SteeringConfig, StrideConfig
 from stride_jax.design import left_regular_design
-from stride_jax.fit import FitData, Fitter, _kl_base_steered, _fit_step, ridge_residual, sample_batch
+from stride_jax.fit import (FitData, Fitter, SparseAdamState, _kl_base_steered, _fit_step, fit_identity, fit_loss,
+                            ridge_residual, sample_batch)
 
 CFG = models.GPTConfig(vocab_size=48, seq_len=10, n_layers=2, d_model=32, n_heads=2)
 N = 40
@@ -158,3 +164,167 @@ def test_ridge_residual_zero_for_linear_responses():
     y = sketch @ rng.standard_normal((3, 5))
     assert float(ridge_residual(sketch, y, 1e-8)) < 1e-10
     assert float(ridge_residual(sketch, rng.standard_normal((16, 5)), 1e-8)) > 0.1
+
+
+# -- sparse (lazy Adam) updates, steps per operator, the stability exclusion, lock, torn logs -----
+
+
+def _moments(fitter):
+    """(coef, mu, nu) of the operator matrices as numpy [K, R, O], dense or sparse optimiser state."""
+    adam = fitter.state.opt_state
+    mu, nu = (adam.coef.mu, adam.coef.nu) if isinstance(adam, SparseAdamState) else (adam.mu[1], adam.nu[1])
+    return [np.asarray(jax.tree_util.tree_leaves(t)[0]) for t in (fitter.state.coef, mu, nu)]
+
+
+def test_sparse_step_equals_dense_when_every_operator_steps(model, pool):
+    """subsets_per_step == K: every operator is in every step, so lazy Adam is Adam."""
+    design = left_regular_design(N, 8, 2, 0)
+    dense = Fitter(model, pool, design, small_cfg(subsets_per_step=8))
+    sparse = Fitter(model, pool, design, small_cfg(subsets_per_step=8, sparse_updates=True))
+    assert isinstance(sparse.state.opt_state, SparseAdamState)
+    dense.run(max_steps=3, progress=False)
+    sparse.run(max_steps=3, progress=False)
+    for a, b in zip(_moments(dense), _moments(sparse)):
+        assert np.abs(a).max() > 0
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(leaves(sparse.bank)[0], leaves(dense.bank)[0], rtol=1e-5, atol=1e-7)  # basis
+    np.testing.assert_array_equal(np.asarray(sparse.state.opt_state.coef.count), 3)
+
+
+@pytest.mark.parametrize("sparse_updates", [True, False])
+def test_sparse_step_leaves_other_operators_untouched(model, pool, sparse_updates):
+    """Sparse: an operator outside the step's batch keeps its matrix, Adam moments and count bit for
+    bit. Dense (the control): Adam momentum moves every operator every step."""
+    design = left_regular_design(N, 8, 2, 0)
+    fitter = Fitter(model, pool, design, small_cfg(sparse_updates=sparse_updates))
+    fitter.run(max_steps=3, progress=False)  # every operator has moved by now
+    before = _moments(fitter)
+    count = np.asarray(fitter.state.opt_state.coef.count) if sparse_updates else None
+    key = jax.random.fold_in(fitter.base_key, fitter.step)
+    ks = np.asarray(sample_batch(key, fitter.data, 8, fitter.cfg.fit.shape)[0])
+    out = np.setdiff1d(np.arange(8), ks)
+    fitter.run(max_steps=1, progress=False)
+    after = _moments(fitter)
+    assert len(out) == 4 and all(np.abs(b[out]).max() > 0 for b in before)
+    if sparse_updates:
+        for b, a in zip(before, after):
+            np.testing.assert_array_equal(a[out], b[out])
+            assert (a[ks] != b[ks]).any()
+        new_count = np.asarray(fitter.state.opt_state.coef.count)
+        np.testing.assert_array_equal(new_count[out], count[out])
+        np.testing.assert_array_equal(new_count[ks], count[ks] + 1)
+    else:
+        assert all((a[out] != b[out]).any() for b, a in zip(before, after))
+
+
+def test_sparse_fit_resumes_exactly_and_is_its_own_identity(model, pool, tmp_path):
+    cfg = small_cfg(sparse_updates=True)
+    design = left_regular_design(N, 8, 2, 0)
+    straight = Fitter(model, pool, design, cfg).run(progress=False)
+    Fitter(model, pool, design, cfg, workdir=tmp_path / "fit").run(max_steps=5, progress=False)
+    resumed = Fitter(model, pool, design, cfg, workdir=tmp_path / "fit")
+    assert resumed.step == 5 and isinstance(resumed.state.opt_state, SparseAdamState)
+    for a, b in zip(leaves(straight), leaves(resumed.run(progress=False))):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(store.IdentityError, match="sparse_updates"):  # a dense fit never resumes a sparse one
+        Fitter(model, pool, design, small_cfg(), workdir=tmp_path / "fit")
+    # fields added later stay out of a default fit's identity, so older workdirs keep theirs
+    ident = fit_identity(model, pool, design, StrideConfig())
+    assert "sparse_updates" not in ident["config"]["fit"] and "updates_per_operator" not in ident["config"]["fit"]
+
+
+def test_sparse_fit_on_a_mesh_equals_one_device(model, pool):
+    """K = 8 operators over the 4 forced host devices: per-operator moments and counts split like
+    the operators; the result equals the single-device sparse fit up to float32 reassociation."""
+    design = left_regular_design(N, 8, 2, 0)
+    cfg = small_cfg(sparse_updates=True)
+    single = Fitter(model, pool, design, cfg).run(progress=False)
+    fitter = Fitter(model, pool, design, cfg, mesh=sharding.mesh("subsets"))
+    sharded = fitter.run(progress=False)
+    adam = fitter.state.opt_state.coef
+    assert {x.sharding.spec for x in jax.tree.leaves((fitter.state.coef, adam))} == {P("subsets")}
+    a, b = leaves(single)[1], leaves(sharded)[1]
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-3
+    assert np.linalg.norm(a - np.roll(a, 1, axis=0)) / np.linalg.norm(a) > 0.5  # control: another operator is far
+
+
+def test_updates_per_operator_sets_the_steps(model, pool, caplog):
+    design = left_regular_design(N, 8, 2, 0)  # K = 8, 4 subsets per step
+    assert FitConfig(updates_per_operator=3, subsets_per_step=4).resolve_steps(8) == 6
+    assert FitConfig(updates_per_operator=3, subsets_per_step=5).resolve_steps(8) == 5  # ceil(24 / 5)
+    assert FitConfig(steps=7).resolve_steps(10**6) == 7
+    with caplog.at_level("INFO", logger="stride_jax"):
+        fitter = Fitter(model, pool, design, small_cfg(updates_per_operator=3))
+    assert fitter.cfg.fit.steps == 6 and "6 steps" in caplog.text
+    fitter.run(progress=False)
+    assert fitter.step == 6
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stride_jax"):
+        Fitter(model, pool, design, small_cfg(updates_per_operator=3, steps=50))  # small_cfg sets steps=8 too
+    assert "fit.steps=50 is ignored" in caplog.text
+    for bad in (0, 2.5, True, -1):
+        with pytest.raises(ValueError, match="fit.updates_per_operator"):
+            FitConfig(updates_per_operator=bad)
+    with pytest.raises(ValueError, match="fit.sparse_updates"):
+        FitConfig(sparse_updates="yes")
+
+
+def test_stability_term_excludes_the_subsets_own_members(model, pool):
+    """K = 1: every example is a member of the only subset, so every stability draw is excluded and
+    the stability term and its gradient for that operator are exactly zero. Control: with K = 2
+    the same nonzero operator matrices give a positive term and gradient."""
+    def stability_and_grad(k):
+        design = left_regular_design(N, k, 1, 0)
+        fitter = Fitter(model, pool, design, small_cfg(subsets_per_step=1, stability_batch=8).replace(
+            design={"n_subsets": k, "per_example": 1}))
+        coef = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(1), x.shape), fitter.state.coef)
+        static = dict(model_graphdef=fitter.model_graphdef, op_graphdef=fitter.op_graphdef,
+                      steer_cfg=fitter.cfg.steering, shape=fitter.cfg.fit.shape, log_space=True, loss_floor=1e-6)
+        hyper = {k: jnp.float32(v) for k, v in fitter.cfg.fit.hyper.items()}
+        key = jax.random.PRNGKey(3)
+        stab_w = np.asarray(sample_batch(key, fitter.data, k, fitter.cfg.fit.shape)[3])
+        stability = lambda c: fit_loss((fitter.state.basis, c), fitter.model_state, fitter.data, key, hyper,
+                                       **static)[1]["stability"]
+        value, grad = jax.jit(jax.value_and_grad(stability))(coef)
+        return stab_w, float(value), np.asarray(jax.tree_util.tree_leaves(grad)[0])
+
+    stab_w, value, grad = stability_and_grad(1)
+    assert value == 0.0 and (grad == 0).all()
+    assert (stab_w == 0).all()
+    stab_w, value, grad = stability_and_grad(2)
+    assert (stab_w == 1).any() and value > 0 and np.abs(grad).max() > 0
+
+
+def test_library_fit_takes_the_workdir_lock(model, pool, tmp_path):
+    """A second process fitting into the same workdir is refused at once, naming the directory."""
+    workdir = tmp_path / "fit"
+    workdir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)",
+         str(workdir / store.LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(store.LockedError, match="in use by another process"):
+            Stride(small_cfg()).fit(model, pool, workdir=workdir, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (workdir / "checkpoints").exists()
+
+
+def test_torn_last_metrics_line_is_dropped_on_resume(model, pool, tmp_path):
+    design = left_regular_design(N, 8, 2, 0)
+    Fitter(model, pool, design, small_cfg(), workdir=tmp_path / "fit").run(max_steps=4, progress=False)
+    log_path = tmp_path / "fit" / "metrics.jsonl"
+    good = log_path.read_text()
+    log_path.write_text(good + '{"step": 5, "seconds": 0.1, "lo')  # killed while writing step 5's line
+    fitter = Fitter(model, pool, design, small_cfg(), workdir=tmp_path / "fit")
+    assert fitter.step == 4 and log_path.read_text() == good
+    fitter.run(progress=False)
+    steps = [json.loads(line)["step"] for line in log_path.read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 8
+    # a bad line that is not the last one is not a torn write: an error naming the file
+    log_path.write_text('{"step": 1, "lo\n' + good)
+    with pytest.raises(ValueError, match="metrics.jsonl line 1"):
+        Fitter(model, pool, design, small_cfg(), workdir=tmp_path / "fit")

@@ -88,3 +88,30 @@ def test_second_process_is_refused_while_the_lock_is_held(tmp_path):
 def test_differences_flattens_nested_fields():
     assert store.differences({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}}) == ["a.c: stored 2, now 3"]
     assert store.differences({"a": 1}, {"a": 1, "created": "x"}) == []
+
+
+def test_a_corrupt_identity_says_to_delete_the_directory_and_that_works(tmp_path):
+    store.open_dir(tmp_path / "a", {"x": 1})
+    (tmp_path / "a" / "result.npz").write_bytes(b"data")
+    (tmp_path / "a" / store.IDENTITY_FILE).write_text("{torn")
+    with pytest.raises(ValueError, match=f"delete the directory {tmp_path / 'a'}"):
+        store.open_dir(tmp_path / "a", {"x": 1})
+    (tmp_path / "a" / store.IDENTITY_FILE).unlink()  # deleting the file alone is a dead end: refused, named
+    with pytest.raises(ValueError, match="use another directory"):
+        store.open_dir(tmp_path / "a", {"x": 1})
+    import shutil
+
+    shutil.rmtree(tmp_path / "a")  # what the message says
+    assert store.open_dir(tmp_path / "a", {"x": 1}) is False
+
+
+def test_taking_the_lock_removes_the_temporaries_of_killed_writes(tmp_path):
+    (tmp_path / ".tmp-abc.npz").write_bytes(b"half")
+    (tmp_path / ".tmp-dir-xyz").mkdir()
+    (tmp_path / "kept.npz").write_bytes(b"done")
+    with store.Lock(tmp_path):
+        (tmp_path / ".tmp-mine.json").write_text("in flight")
+        with store.Lock(tmp_path):  # re-entrant: never removes the holder's own writes
+            pass
+        assert (tmp_path / ".tmp-mine.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", ".tmp-mine.json", "kept.npz"]

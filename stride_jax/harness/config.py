@@ -473,7 +473,33 @@ class ExperimentConfig:
         names = [c.name for c in self.cells]
         if len(set(names)) != len(names) or any(not n for n in names):
             raise ValueError(f"cell names must be unique and non-empty, got {names}")
+        _check_plain_name("name", self.name)
+        for i, c in enumerate(self.cells):
+            _check_plain_name(f"cells[{i}].name", c.name)
+        for m in self.methods:
+            _check_plain_name("method name", m.name)
+        if self.select is not None:
+            for group in self.select.groups:
+                if group:
+                    _check_plain_name("select.groups key", group, nested=True)
+        if self.show_examples < 0:
+            raise ValueError(f"show_examples (queries whose top examples the report prints) must be >= 0, "
+                             f"got {self.show_examples}")
+        for where, n_boot in (("n_boot", self.n_boot),
+                              ("select.n_boot", self.select.n_boot if self.select else 1),
+                              ("contamination.n_boot", self.contamination.n_boot if self.contamination else 1)):
+            if n_boot < 1:
+                raise ValueError(f"{where} (bootstrap resamples) must be >= 1, got {n_boot}")
+        if self.counterfactual is not None and min(self.counterfactual.n_queries, self.counterfactual.n_seeds) < 1:
+            raise ValueError("counterfactual.n_queries and counterfactual.n_seeds must be >= 1")
         tasks = [self.task_for(c) for c in self.cell_names()]
+        for cell, t in zip(self.cell_names(), tasks):
+            where = f"cells[{cell!r}].task" if cell else "task"
+            _check_seeds(to_dict(t), where)
+            if t.groundtruth is not None and t.groundtruth.n_subsets < 3:
+                raise ValueError(f"{where}.groundtruth.n_subsets={t.groundtruth.n_subsets}: LDS (a Spearman "
+                                 "correlation over the retrained subsets) needs at least 3 subsets")
+        _check_seeds({k: to_dict(getattr(self, k)) for k in ("counterfactual", "data_selection")}, "")
         for c in self.cells:
             self.stride_for(c.name)
         seen = set()
@@ -554,6 +580,28 @@ class ExperimentConfig:
                 raise ValueError(f"qualitative.name must differ from the experiment's name {self.name!r}")
         if self.n_boot < 1:
             raise ValueError(f"n_boot must be >= 1, got {self.n_boot}")
+
+
+def _check_plain_name(where: str, name: Any, *, nested: bool = False) -> None:
+    """Names that become file or folder names must keep the outputs inside their folder: a plain
+    name (no '/', '\\', not '.' or '..'), or with `nested` (select groups: folders of the sweep)
+    a relative path of such names."""
+    parts = name.split("/") if nested and isinstance(name, str) else [name]
+    if not isinstance(name, str) or any(not p or p in (".", "..") or any(c in p for c in "/\\\0") for p in parts):
+        kind = "a relative path of plain names" if nested else "a plain name"
+        raise ValueError(f"{where} {name!r} names files or folders inside the output folder: it must be {kind} "
+                         "(no '\\', no empty, '.' or '..' part" + ("" if nested else ", no '/'") + ")")
+
+
+def _check_seeds(d: Any, where: str) -> None:
+    """Every `seed` field in the nested dict `d` is an integer in [0, 2**32)."""
+    if not isinstance(d, dict):
+        return
+    for k, v in d.items():
+        path = f"{where}.{k}" if where else k
+        if k == "seed" and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**32):
+            raise ValueError(f"{path} must be an integer in [0, 2**32), got {v!r}")
+        _check_seeds(v, path)
 
 
 def _method(m: Any) -> MethodSpec:

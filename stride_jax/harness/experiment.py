@@ -13,6 +13,7 @@ Everything is resumable from `out`, which is locked while the run uses it.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -29,6 +30,12 @@ from stride_jax.harness import tasks as tasks_lib
 from stride_jax.harness.config import ClassifierTask, ExperimentConfig, MethodSpec
 
 log = logging.getLogger("stride_jax")
+
+
+def _file_stem(name: str) -> str:
+    """`name` (a target task: an evals registry name or a user's path) as one plain file name
+    inside its folder: characters other than letters, digits, '.', '_' and '-' become '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "_"
 
 
 def _cell_dir(out: Path, cell: str) -> Path:
@@ -202,7 +209,7 @@ def _data_selection(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, sco
         seeds = np.tile(c.seed + np.arange(c.seeds), len(picks))
         key = store.fingerprint(["exact, accuracy, loss", to_dict(c), to_dict(task.finetune), to_dict(task.tune), p.train.content_hash(),
                                  test.content_hash(), store.digest([idx, seeds]), models.param_digest(start)])
-        cache = run_dir / "data_selection" / f"{name}-{key[:12]}.npz"
+        cache = run_dir / "data_selection" / f"{_file_stem(name)}-{key[:12]}.npz"
         if cache.exists():
             z = store.load_npz(cache)
             exact_MxT, acc_MxT, loss_MxT = z["exact"], z["acc"], z["loss"]
@@ -299,6 +306,34 @@ def _earlier(results_dir: Path, name: str) -> dict[str, Any] | None:
     return earlier
 
 
+def preflight(cfg: ExperimentConfig, methods: Collection[str] | None = None) -> dict[str, tasks_lib.TaskData]:
+    """Each cell's data, after every check that needs the data and the model's shape but no
+    training (`tasks.check`: K <= n d, hook layers within the depth, batch sizes, ...) passed for
+    the STRIDE configs and hook layers of the method rows that will run (`methods`: all if None)."""
+    import dataclasses
+
+    out = {}
+    for cell in cfg.cell_names():
+        task = cfg.task_for(cell)
+        stride_cfgs, steerings = [], []
+        for spec in cfg.methods:
+            if (spec.cells and cell not in spec.cells) or (methods is not None and spec.name not in methods):
+                continue
+            if spec.kind == "stride":
+                stride_cfgs.append(cfg.stride_for(cell, spec))
+            elif spec.kind == "repr-sim":
+                steer = cfg.stride_for(cell, spec).steering
+                if spec.params.get("layer") is not None:
+                    steer = dataclasses.replace(steer, layer=spec.params["layer"], depth_fraction=None)
+                steerings.append(steer)
+        out[cell] = tasks_lib.task_data(task)
+        try:
+            tasks_lib.check(task, out[cell], stride_cfgs, steerings)
+        except ValueError as e:
+            raise type(e)(f"[{cell or cfg.name}] {e}") from e
+    return out
+
+
 def check_methods(cfg: ExperimentConfig, methods: Collection[str]) -> list[str]:
     """`methods` (names of `cfg`'s method rows, or "stride" for its STRIDE variants), checked."""
     known = ([report_lib.VARIANT_ROWS] if cfg.all_variants() else []) + [m.name for m in cfg.methods]
@@ -333,14 +368,17 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
     earlier = _earlier(results_dir, cfg.name) if full is not None else None
     if earlier is not None:  # before hours of work, not when the results are written
         report_lib.check_earlier(earlier, full.to_dict())
+    data = preflight(cfg, methods)
     with store.Lock(out):
+        store.clean_leftovers(results_dir, older_than_s=600.0)  # a killed report write (another run's: minutes old)
         report: dict[str, Any] = {"rows": [], "variants": [], "selection": [], "cells": [], "counterfactual": [],
                                   "examples": [], "qualitative": [], "contamination": [], "data_selection": [],
                                   "config": cfg.to_dict()}
         prepared = {}
         for cell in cfg.cell_names():  # ground truth of every cell first: the long, resumable part
             log.info("[%s] data, base model and ground truth", cell or cfg.name)
-            prepared[cell] = tasks_lib.prepare(cfg.task_for(cell), _cell_dir(out, cell), progress=progress)
+            prepared[cell] = tasks_lib.prepare(cfg.task_for(cell), _cell_dir(out, cell), progress=progress,
+                                               data=data.pop(cell))
         for cell, p in prepared.items():
             run_dir = _cell_dir(out, cell)
             task = p.task

@@ -355,64 +355,441 @@ def _clip(text: str | None, n: int = 160) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def plot(report: dict[str, Any], path: Path) -> Path | None:
-    """LDS per method (by cell when there are several, with intervals and the noise ceiling)
-    and seconds per method; a third panel for the cost in n."""
+# --- Plots -----------------------------------------------------------------------------------
+# Cells that are not a series (data sets, pools, settings) are drawn as points with their
+# intervals, never joined by lines; lines join points only along a numeric x (pool size n, model
+# size, k), and such axes carry gid "series". Reference levels (noise ceiling, chance) are
+# axis-aligned segments with gid "reference". tests/test_plots.py checks all three on every
+# committed plot.
+SERIES = "series"
+REFERENCE = "reference"
+_FLOOR_S = 1e-3  # seconds below this (or 0) are drawn at it on the log axes, and the axis says so
+
+
+def _is_stride(method: str) -> bool:
+    """STRIDE rows and variants (not a fusion of STRIDE with another method)."""
+    return method.startswith("stride") and "+" not in method
+
+
+def _method_label(method: str) -> str:
+    return "STRIDE" + method[len("stride"):] if method.startswith("stride") else method
+
+
+def _styles(methods: list[str]) -> dict[str, dict[str, Any]]:
+    """Colour and marker per method: STRIDE black (its variants in greys, each its own marker),
+    the rest from a qualitative palette."""
+    import matplotlib
+
+    others = [m for m in methods if not _is_stride(m)]
+    cmap = matplotlib.colormaps["tab10" if len(others) <= 10 else "tab20"]
+    greys, marks = ["k", "0.35", "0.55", "0.7"], ["D", "s", "^", "v", "P", "X"]
+    out, n_stride = {}, 0
+    for m in methods:
+        if _is_stride(m):
+            out[m] = {"color": greys[min(n_stride, len(greys) - 1)], "marker": marks[n_stride % len(marks)],
+                      "ms": 7, "zorder": 4}
+            n_stride += 1
+        else:
+            out[m] = {"color": cmap(others.index(m) % cmap.N), "marker": "o", "ms": 5, "zorder": 3}
+    return out
+
+
+def _ci(d: dict[str, Any]) -> tuple[float, float, float]:
+    """(mean, lower, upper) of a {mean, ci95} entry; the interval collapses to the mean without one."""
+    lo, hi = d.get("ci95") or (d["mean"], d["mean"])
+    return float(d["mean"]), float(lo), float(hi)
+
+
+def _plot_alpha(report: dict[str, Any]) -> float | None:
+    """The alpha a plot shows: the first ground truth (the one STRIDE variants are scored at)."""
+    alphas = [r.get("alpha") for r in report["rows"] if r.get("alpha") is not None]
+    task_alphas = (report.get("config", {}).get("task") or {}).get("alphas") or []
+    if task_alphas and task_alphas[0] in alphas:
+        return task_alphas[0]
+    return min(alphas) if alphas else None
+
+
+def _stride_variants(report: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """STRIDE from `variants` when no result row holds it (a sweep): every variant of a one-cell
+    sweep, else the variant with the best mean validation LDS over the cells (the markdown's
+    choice); method -> cell -> {"lds", "seconds"}."""
+    vs = [v for v in report.get("variants", []) if (v.get("lds_test") or {}).get("mean") is not None]
+    by: dict[str, dict[str, dict[str, Any]]] = {}
+    for v in vs:
+        by.setdefault(v["variant"], {})[v["cell"]] = {"lds": v["lds_test"], "seconds": sum(v["seconds"].values())}
+    cells = list(dict.fromkeys(v["cell"] for v in vs))
+    if len(cells) <= 1:
+        return {f"stride ({name})": d for name, d in by.items()}
+    val = {(v["variant"], v["cell"]): v["lds_val"]["mean"] for v in vs if (v.get("lds_val") or {}).get("mean") is not None}
+    full = {n: d for n, d in by.items() if all((n, c) in val for c in cells)}
+    if not full:
+        return {}
+    best = max(full, key=lambda n: float(np.mean([val[(n, c)] for c in cells])))
+    return {f"stride ({best}; best mean val LDS)": full[best]}
+
+
+def _cell_data(report: dict[str, Any], alpha: float | None) -> dict[str, dict[str, dict[str, Any]]]:
+    """method -> cell -> {"lds": {mean, ci95} or None, "seconds": total or None} at `alpha`."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in report["rows"]:
+        if r.get("alpha") != alpha:
+            continue
+        lds_ = r.get("lds") if (r.get("lds") or {}).get("mean") is not None else None
+        if lds_ is not None and not np.isfinite(lds_["mean"]):
+            lds_ = None
+        out.setdefault(r["method"], {})[r["cell"]] = {"lds": lds_, "seconds": _total(r) if r.get("seconds") else None}
+    if not any(_is_stride(m) and any(e["lds"] for e in cells.values()) for m, cells in out.items()):
+        out.update(_stride_variants(report))
+    return out
+
+
+def _layout(report: dict[str, Any]) -> str:
+    """"n": cells of one model size differ in n (a series in n per size); "params": every cell is
+    another model size on the same pool (a series in parameters); "cells": anything else."""
+    cells = report["cells"]
+    by_params: dict[int, list[dict[str, Any]]] = {}
+    for c in cells:
+        by_params.setdefault(c.get("params"), []).append(c)
+    if len(cells) >= 2 and all(len({c.get("n_train") for c in g}) == len(g) for g in by_params.values()) \
+            and any(len(g) >= 2 for g in by_params.values()):
+        return "n"
+    if len(cells) >= 2 and all(len(g) == 1 for g in by_params.values()) and len({c.get("n_train") for c in cells}) == 1:
+        return "params"
+    return "cells"
+
+
+def _size(params: int) -> str:
+    return f"{params / 1e6:.1f}M" if params >= 1e5 else f"{params / 1e3:.0f}k"
+
+
+def _ceiling(report: dict[str, Any], alpha: float | None) -> dict[str, float]:
+    """cell -> the noise ceiling for the seed average at `alpha` (cells that have one)."""
+    out = {}
+    for c in report["cells"]:
+        ceil = (c.get("noise_ceiling") or {}).get(str(alpha)) or {}
+        if ceil.get("ceiling_for_seed_average") is not None:
+            out[c["cell"]] = float(ceil["ceiling_for_seed_average"])
+    return out
+
+
+def _points_by_cell(ax, values: dict[str, dict[str, tuple[float, float, float]]], cells: list[str],
+                    styles: dict[str, dict[str, Any]], reference: dict[str, float] | None = None,
+                    reference_label: str = "", log: bool = False) -> None:
+    """Categorical cells on x, one dodged point per method with its interval; `reference` a
+    short level per cell (noise ceiling, chance)."""
+    methods = [m for m in styles if m in values]
+    width = 0.8
+    step = width / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        pts = [(j, values[m][c]) for j, c in enumerate(cells) if c in values[m]]
+        xs = np.array([j for j, _ in pts], float) - width / 2 + step * (i + 0.5)
+        y = np.array([v[0] for _, v in pts])
+        err = np.array([[v[0] - v[1] for _, v in pts], [v[2] - v[0] for _, v in pts]])
+        st = styles[m]
+        ax.errorbar(xs, y, yerr=err, linestyle="none", marker=st["marker"], ms=st["ms"], color=st["color"],
+                    zorder=st["zorder"], capsize=2, elinewidth=1.2, label=_method_label(m))
+    for j, c in enumerate(cells):
+        if reference and c in reference:
+            ax.plot([j - width / 2, j + width / 2], [reference[c]] * 2, ":", color="0.3", lw=1.5, gid=REFERENCE,
+                    label=reference_label if j == min(k for k, cc in enumerate(cells) if cc in reference) else None)
+    labels = [_cell_label(c) for c in cells]
+    long = len(cells) > 2 and max(map(len, labels)) > 8
+    ax.set_xticks(range(len(cells)), labels, rotation=30 if long else 0, ha="right" if long else "center",
+                  rotation_mode="anchor", fontsize=8 if long else 9)
+    ax.set_xlim(-0.6, len(cells) - 0.4)
+    if log:
+        ax.set_yscale("log")
+
+
+def _points_by_method(ax, values: dict[str, tuple[float, float, float]], order: list[str],
+                      styles: dict[str, dict[str, Any]], reference: float | None = None,
+                      reference_label: str = "", log: bool = False) -> None:
+    """One cell: a row per method (names on the y axis), its point and interval."""
+    rows = [m for m in order if m in values]
+    for i, m in enumerate(rows):
+        v, st = values[m], styles[m]
+        ax.errorbar([v[0]], [i], xerr=[[v[0] - v[1]], [v[2] - v[0]]], linestyle="none", marker=st["marker"],
+                    ms=st["ms"], color=st["color"], zorder=st["zorder"], capsize=2, label=_method_label(m))
+    if reference is not None:
+        ax.axvline(reference, linestyle=":", color="0.3", lw=1.5, gid=REFERENCE, label=reference_label)
+    ax.set_yticks(range(len(rows)), [_method_label(m) for m in rows], fontsize=8)
+    for tick, m in zip(ax.get_yticklabels(), rows):
+        if _is_stride(m):
+            tick.set_fontweight("bold")
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # the best on top
+    if log:
+        ax.set_xscale("log")
+
+
+def _seconds(v: float) -> float:
+    return max(float(v), _FLOOR_S)
+
+
+def _cells_panels(fig, axes, report, data, styles, alpha) -> None:
+    """LDS and cost of categorical cells (one cell: methods on the y axis)."""
+    cells = [c["cell"] for c in report["cells"]]
+    cells = [c for c in cells if any(c in d for d in data.values())] or cells
+    split = report["config"].get("split", "test")
+    lds_v = {m: {c: _ci(e["lds"]) for c, e in d.items() if e["lds"]} for m, d in data.items()}
+    lds_v = {m: d for m, d in lds_v.items() if d}
+    sec_v = {m: {c: (_seconds(e["seconds"]),) * 3 for c, e in d.items() if e["seconds"] is not None}
+             for m, d in data.items()}
+    sec_v = {m: d for m, d in sec_v.items() if d}
+    clipped = any(e["seconds"] is not None and e["seconds"] < _FLOOR_S for d in data.values() for e in d.values())
+    ceil = _ceiling(report, alpha)
+    sec_label = "seconds (all stages)" + (" (< 1 ms drawn at 1 ms)" if clipped else "")
+    panels = []
+    if lds_v:
+        panels.append(("lds", lds_v))
+    if sec_v:
+        panels.append(("cost", sec_v))
+    for ax, (kind, vals) in zip(axes, panels):
+        if len(cells) == 1:
+            c = cells[0]
+            one = {m: d[c] for m, d in vals.items() if c in d}
+            order = sorted(lds_v, key=lambda m: -lds_v[m][c][0] if c in lds_v[m] else 0.0) if lds_v else list(one)
+            order += [m for m in one if m not in order]
+            _points_by_method(ax, one, order, styles, reference=ceil.get(c) if kind == "lds" else None,
+                              reference_label="noise ceiling (seed avg)", log=kind == "cost")
+            ax.set(xlabel=f"LDS ({split} queries)" if kind == "lds" else sec_label)
+        else:
+            _points_by_cell(ax, vals, cells, styles, reference=ceil if kind == "lds" else None,
+                            reference_label="noise ceiling (seed avg)", log=kind == "cost")
+            ax.set(ylabel=f"LDS ({split} queries)" if kind == "lds" else sec_label)
+        ax.set_title("LDS" + (f" (alpha {alpha})" if alpha is not None else "") if kind == "lds" else "cost")
+        if kind == "lds":
+            ax.axhline(0, color="0.8", lw=0.8, zorder=0, gid=REFERENCE) if len(cells) > 1 else \
+                ax.axvline(0, color="0.8", lw=0.8, zorder=0, gid=REFERENCE)
+
+
+def _series_panels(axes, report, data, styles, alpha, layout) -> None:
+    """LDS and cost along n (one line per model size; STRIDE a line, the rest markers) or along
+    the model size (every method a line)."""
+    info = {c["cell"]: c for c in report["cells"]}
+    split = report["config"].get("split", "test")
+    if layout == "n":
+        x_of = {c: info[c]["n_train"] for c in info}
+        groups = list(dict.fromkeys(info[c]["params"] for c in info))
+        group_of = {c: info[c]["params"] for c in info}
+        lines_for = _is_stride
+        xlabel = "training examples n (log)"
+    else:
+        x_of = {c: info[c]["params"] for c in info}
+        groups, group_of = [None], {c: None for c in info}
+        lines_for = lambda m: True  # noqa: E731
+        xlabel = "parameters (log)"
+    group_marks, group_ls = ["o", "s", "^", "v"], ["-", "--", "-.", ":"]
+    methods = [m for m in styles if m in data]
+    ceil = _ceiling(report, alpha)
+    others = [m for m in methods if not _is_stride(m)]  # STRIDE at the exact x, the rest spread around it
+    spread = 0.025 if layout == "n" else 0.012  # decades between neighbours
+    nudge = {m: 10 ** (spread * (others.index(m) - (len(others) - 1) / 2)) if m in others else 1.0 for m in methods}
+    for ax, kind in zip(axes, ("lds", "cost")):
+        ax.set_gid(SERIES)
+        for gi, g in enumerate(groups):
+            cells_g = sorted((c for c in info if group_of[c] == g), key=lambda c: x_of[c])
+            size = f", {_size(g)}" if g is not None else ""
+            for m in methods:
+                pts = [(x_of[c], data[m][c]) for c in cells_g if c in data[m]]
+                pts = [(x, e) for x, e in pts if (e["lds"] if kind == "lds" else e["seconds"] is not None)]
+                if not pts:
+                    continue
+                st = styles[m]
+                xs = np.array([x for x, _ in pts], float) * nudge[m]
+                if kind == "lds":
+                    v = np.array([_ci(e["lds"]) for _, e in pts])
+                    y, err = v[:, 0], np.stack([v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]])
+                else:
+                    y, err = np.array([_seconds(e["seconds"]) for _, e in pts]), None
+                marker = group_marks[gi % 4] if layout == "n" else st["marker"]
+                line = lines_for(m)
+                ax.errorbar(xs, y, yerr=err, color=st["color"], marker=marker, ms=st["ms"], zorder=st["zorder"],
+                            linestyle=group_ls[gi % 4] if line else "none", lw=2.2 if _is_stride(m) else 1.2,
+                            capsize=2, label=_method_label(m) + (size if line and layout == "n" else ""))
+            if kind == "lds":
+                cs = [c for c in cells_g if c in ceil]
+                if cs:
+                    ax.plot([x_of[c] for c in cs], [ceil[c] for c in cs], linestyle=":", marker=group_marks[gi % 4],
+                            ms=3, color="0.5", lw=1.5, label=f"noise ceiling (seed avg){size}")
+        xs_all = sorted(set(x_of.values()))
+        ax.set_xscale("log")
+        ax.set_xticks(xs_all, [f"{x:,}" if layout == "n" else _size(x) for x in xs_all], fontsize=8)
+        ax.minorticks_off()
+        ax.set(xlabel=xlabel)
+        if kind == "lds":
+            ax.set(ylabel=f"LDS ({split} queries)", title="LDS" + (f" (alpha {alpha})" if alpha is not None else ""))
+            ax.axhline(0, color="0.8", lw=0.8, zorder=0, gid=REFERENCE)
+        else:
+            ax.set(yscale="log", ylabel="seconds (all stages)", title="cost")
+    if layout == "n":
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color="0.5", marker=group_marks[gi % 4], linestyle="none", label=f"{_size(g)} model")
+                   for gi, g in enumerate(groups)]
+        axes[0].legend(handles=handles, loc="best", fontsize=8, title="marker: model size", title_fontsize=8)
+
+
+def _cost_n_panel(ax, report, styles) -> None:
+    cn = report["cost_n"]
+    ax.set_gid(SERIES)
+    for m in dict.fromkeys(r["method"] for r in cn):
+        rs = sorted((r for r in cn if r["method"] == m), key=lambda r: r["n"])
+        st = styles.get(m, {"color": "0.5", "marker": "o", "ms": 5, "zorder": 3})
+        ax.plot([r["n"] for r in rs], [_seconds(r["seconds"]["total"]) for r in rs], marker=st["marker"],
+                ms=st["ms"], color=st["color"], zorder=st["zorder"], lw=2.2 if _is_stride(m) else 1.2,
+                label=_method_label(m))
+    ns = sorted({r["n"] for r in cn})
+    ax.set(xscale="log", yscale="log", xlabel="training examples n (log)", ylabel="seconds (all stages)",
+           title=f"cost by n ({_cell_label(cn[0]['cell'])})")
+    ax.set_xticks(ns, [f"{n:,}" for n in ns], fontsize=8)
+    ax.minorticks_off()
+
+
+def _contamination_panels(axes, report, styles) -> None:
+    """Recall of the leaked replicas in each top bucket, per cell and method, with chance."""
+    entries = report["contamination"]
+    cells = [ct["cell"] for ct in entries]
+    fracs = sorted({r["bucket_fraction"] for ct in entries for r in ct["recall"]})
+    for ax, f in zip(axes, fracs):
+        vals: dict[str, dict[str, tuple[float, float, float]]] = {}
+        chance = {}
+        for ct in entries:
+            for r in ct["recall"]:
+                if r["bucket_fraction"] == f:
+                    vals.setdefault(r["method"], {})[ct["cell"]] = (r["recall"], *r["ci95"])
+                    chance[ct["cell"]] = r["chance"]
+        _points_by_cell(ax, vals, cells, styles, reference=chance, reference_label="chance")
+        ax.set(ylim=(-0.05, 1.05), ylabel="recall of the leaked replicas", title=f"top {100 * f:g}% of the pool")
+
+
+def _selection_panels(axes, report, styles) -> None:
+    """Exact match of the model fine-tuned on each method's selection (per target and over all
+    targets), and the share of the selection that is the target's own records."""
+    entries = report["data_selection"]
+    cells = list(dict.fromkeys(e["cell"] for e in entries))
+    em: dict[str, dict[str, tuple[float, float, float]]] = {}
+    share: dict[str, dict[str, tuple[float, float, float]]] = {}
+    xs: list[str] = []
+    n_boot = (report["config"].get("data_selection") or {}).get("n_boot", 1000)
+    for cell in cells:
+        es = [e for e in entries if e["cell"] == cell]
+        pre = f"{cell}/" if len(cells) > 1 else ""
+        for e in es:
+            xs.append(pre + e["target"])
+            for m, r in e["exact_match"].items():
+                em.setdefault(m, {})[xs[-1]] = _ci(r)
+            for m, s in e.get("in_task_fraction", {}).items():
+                if s is not None:
+                    share.setdefault(m, {})[xs[-1]] = (s, s, s)
+        xs.append(pre + "all targets")
+        for m, r in selection_overall(es, n_boot).items():
+            em.setdefault(m, {})[xs[-1]] = _ci(r)
+    _points_by_cell(axes[0], em, xs, styles)
+    axes[0].set(ylim=(-0.05, 1.05), ylabel="greedy exact match (test records)",
+                title=f"fine-tuned on each method's top {entries[0]['k']}")
+    if len(axes) > 1:
+        _points_by_cell(axes[1], share, [x for x in xs if not x.endswith("all targets")], styles)
+        axes[1].set(ylim=(-0.05, 1.05), ylabel="in-task share of the selection",
+                    title="picks that are the target's own records")
+
+
+def figure(report: dict[str, Any]):
+    """The figure of a report (a matplotlib `Figure`, no pyplot), or None when it has nothing to draw."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = report["rows"]
-    if not rows:
+    report = upgrade(report)
+    alpha = _plot_alpha(report)
+    data = _cell_data(report, alpha)
+    methods = list(data)
+    for ct in report.get("contamination", []):
+        methods += [r["method"] for r in ct["recall"]]
+    for e in report.get("data_selection", []):
+        methods += list(e["exact_match"])
+    methods = list(dict.fromkeys(methods))
+    styles = _styles(methods)
+    has_lds = any(e["lds"] for d in data.values() for e in d.values())
+    has_secs = any(e["seconds"] is not None for d in data.values() for e in d.values())
+    layout = _layout(report) if has_lds else "cells"
+    plan: list[str] = []  # panel kinds, left to right
+    if report.get("contamination"):
+        plan += ["recall"] * len({r["bucket_fraction"] for ct in report["contamination"] for r in ct["recall"]})
+    if report.get("data_selection"):
+        plan += ["selection", "share"]
+    plan += (["lds"] if has_lds else []) + (["cost"] if has_secs else [])
+    if report.get("cost_n"):
+        plan.append("cost_n")
+    if not plan:
         return None
-    alpha = sorted({r["alpha"] for r in rows})[0]
-    rows = [r for r in rows if r["alpha"] == alpha]
-    cells = [c["cell"] for c in report["cells"]]
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    n_panels = 3 if report.get("cost_n") else 2
-    fig = Figure(figsize=(5.2 * n_panels, 4.6), dpi=110)
+    n_cells = len(report["cells"])
+    one_cell = layout == "cells" and n_cells == 1
+    stacked = layout == "cells" and n_cells > 4  # many cells: one full-width panel per row
+    width = 5.2 if layout != "cells" or one_cell else max(5.2, 0.9 * n_cells + 1.6)
+    height = 4.8 if not one_cell else max(4.0, 0.32 * len(data) + 1.6)
+    shape = (len(plan), 1) if stacked else (1, len(plan))
+    fig = Figure(figsize=(width * shape[1], height * shape[0]), dpi=110)
     FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(1, n_panels, i + 1) for i in range(n_panels)]
-    cmap = __import__("matplotlib").colormaps["tab20"]
-    color = {m: ("k" if m == "stride" else cmap(i % 20)) for i, m in enumerate(methods)}
-    by = {(r["method"], r["cell"]): r for r in rows}
-    x = np.arange(len(cells))
-    for i, m in enumerate(methods):
-        pts = [(j, by[(m, c)]) for j, c in enumerate(cells)
-               if (m, c) in by and (by[(m, c)]["lds"] or {}).get("mean") is not None]
-        if not pts:
-            continue
-        xs = np.array([j for j, _ in pts], float) + (0.0 if len(cells) > 1 else i * 0.8)
-        y = np.array([r["lds"]["mean"] for _, r in pts])
-        err = np.array([[r["lds"]["mean"] - r["lds"]["ci95"][0], r["lds"]["ci95"][1] - r["lds"]["mean"]] for _, r in pts]).T
-        kw = dict(color=color[m], label=m, capsize=3, marker="o", lw=2.5 if m.startswith("stride") else 1.2)
-        axes[0].errorbar(xs, y, yerr=err, linestyle="-" if len(cells) > 1 else "none", **kw)
-        axes[1].plot(xs, [r["seconds"].get("total", np.nan) for _, r in pts], marker="o", color=color[m], label=m,
-                     linestyle="-" if len(cells) > 1 else "none")
-    ceil = [next((c["noise_ceiling"].get(str(alpha), {}) for c in report["cells"] if c["cell"] == cell), {})
-            .get("ceiling_for_seed_average", np.nan) for cell in cells]
-    if len(cells) > 1:
-        axes[0].plot(x, ceil, ":", color="0.4", lw=1.5, label="noise ceiling (seed avg)")
-        for ax in axes[:2]:
-            ax.set_xticks(x, [_cell_label(c) for c in cells])
-    else:
-        axes[0].axhline(ceil[0], linestyle=":", color="0.4", label="noise ceiling (seed avg)")
-        for ax in axes[:2]:
-            ax.set_xticks([])
-    axes[0].set(ylabel=f"LDS ({report['config'].get('split', 'test')} queries)", title="LDS")
-    axes[1].set(yscale="log", ylabel="seconds (all stages)", title="cost")
-    if n_panels == 3:
-        cn = report["cost_n"]
-        for m in dict.fromkeys(r["method"] for r in cn):
-            rs = sorted((r for r in cn if r["method"] == m), key=lambda r: r["n"])
-            axes[2].plot([r["n"] for r in rs], [r["seconds"]["total"] for r in rs], marker="o",
-                         color=color.get(m, "0.5"), label=m)
-        axes[2].set(xscale="log", yscale="log", xlabel="training examples n", ylabel="seconds", title="cost by n")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    axes = [fig.add_subplot(*shape, i + 1) for i in range(len(plan))]
+    at = {k: [a for a, kk in zip(axes, plan) if kk == k] for k in plan}
+    if "recall" in at:
+        _contamination_panels(at["recall"], report, styles)
+    if "selection" in at:
+        _selection_panels(at["selection"] + at["share"], report, styles)
+    if "lds" in at or "cost" in at:
+        panels = at.get("lds", []) + at.get("cost", [])
+        if layout == "cells":
+            _cells_panels(fig, panels, report, data, styles, alpha)
+        elif "lds" in at:
+            _series_panels(panels, report, data, styles, alpha, layout)
+    if "cost_n" in at:
+        _cost_n_panel(at["cost_n"][0], report, styles)
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        named_on_axis = one_cell and ax in at.get("lds", []) + at.get("cost", [])  # methods on its y axis
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if not named_on_axis or getattr(h, "get_gid", lambda: None)() == REFERENCE:
+                seen.setdefault(label, h)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=min(len(seen), 6), fontsize=8,
+                   frameon=False)
+    legend_in = 0.25 * ((len(seen) + 5) // 6) + 0.3 if seen else 0.0  # inches under the panels
+    fig.tight_layout(rect=(0, min(legend_in / fig.get_figheight(), 0.4), 1, 1))
+    return fig
+
+
+def plot(report: dict[str, Any], path: Path) -> Path | None:
+    """`report`'s figure (see `figure`) as a png at `path`, or None when it has nothing to draw."""
+    fig = figure(report)
+    if fig is None:
+        return None
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def upgrade(report: dict[str, Any]) -> dict[str, Any]:
+    """A results file of the pipelines before the harness (rows keyed by `size`, `models`, a
+    separate `noise_ceiling`: pretrain_lds_report.json) in the current layout; others unchanged."""
+    if "cells" in report or not isinstance(report.get("models"), dict):
+        return report
+    alpha = {s: m["groundtruth"]["alpha"] for s, m in report["models"].items()}
+    cells = [{"cell": s, "params": m["params"], "n_train": m["n_train"],
+              "noise_ceiling": {str(alpha[s]): report["noise_ceiling"][s]} if s in report.get("noise_ceiling", {}) else {}}
+             for s, m in report["models"].items()]
+    rows = [{**r, "cell": r["size"], "alpha": r.get("alpha", alpha[r["size"]])} for r in report["rows"]]
+    cost_n = [{**r, "cell": r["size"]} for r in report.get("cost_n") or []]
+    return {**report, "cells": cells, "rows": rows, "cost_n": cost_n,
+            "config": {"split": "test", **report.get("config", {})}}
+
+
+def render(json_path: str | Path, png_path: str | Path | None = None) -> Path | None:
+    """Re-render a results file's plot from its json (`<name>.png` beside it unless `png_path`)."""
+    json_path = Path(json_path)
+    report = json.loads(json_path.read_text())
+    if not isinstance(report, dict) or "rows" not in report:
+        raise ValueError(f"{json_path}: not a results report (no 'rows')")
+    return plot(report, Path(png_path) if png_path else json_path.with_suffix(".png"))
 
 
 CELL_KEYED = ("cells", "rows", "variants", "selection", "counterfactual", "examples", "cost_n", "qualitative",

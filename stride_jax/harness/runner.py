@@ -15,6 +15,7 @@ import gc
 import json
 import logging
 import multiprocessing
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -122,7 +123,11 @@ def run_method(task: Any, run_dir: Path, spec: MethodSpec, stride_cfg: Any, *, i
     """
     method_dir = run_dir / "methods" / spec.name
     store.open_dir(method_dir, method_identity(task, spec, stride_cfg), f"run of method {spec.name!r}")
+    store.clean_leftovers(method_dir / "scores")  # a killed Attribution.save (the caller holds the run's lock)
     done = method_dir / "run.json"
+    finished = _finished(method_dir) if done.exists() else None  # removes a corrupt result: recomputed below
+    if finished is not None:
+        return finished
     if not done.exists():
         for stale in ("skipped.json", "error.txt"):
             (method_dir / stale).unlink(missing_ok=True)
@@ -147,3 +152,16 @@ def run_method(task: Any, run_dir: Path, spec: MethodSpec, stride_cfg: Any, *, i
         log.warning("method %s skipped: %s", spec.name, reason)
         return None
     return Attribution.load(method_dir / "scores"), store.read_json(done)
+
+
+def _finished(method_dir: Path) -> tuple[Attribution, dict[str, Any]] | None:
+    """The stored (scores, run record) of a finished method run; None, after removing both,
+    when either is unreadable or corrupt, so the caller recomputes them (they are derived)."""
+    try:
+        return Attribution.load(method_dir / "scores"), store.read_json(method_dir / "run.json")
+    except (OSError, ValueError) as e:
+        log.warning("the stored result in %s is unreadable (%s); recomputing it", method_dir,
+                    str(e).splitlines()[0])
+        (method_dir / "run.json").unlink(missing_ok=True)
+        shutil.rmtree(method_dir / "scores", ignore_errors=True)
+        return None

@@ -122,6 +122,8 @@ def variant_configs(base: StrideConfig, variants: dict[str, dict[str, Any]], gro
         except ValueError as e:
             out[name] = str(e)
             continue
+        if n_train is not None:
+            cfg = cfg.resolve_subsets(n_train)
         d = cfg.design
         if n_train is not None and n_train * d.per_example < d.n_subsets:
             out[name] = f"K={d.n_subsets} > n d = {n_train * d.per_example}"

@@ -14,8 +14,9 @@ import dataclasses
 import functools
 import logging
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 
@@ -361,19 +362,46 @@ def base_model(task: Task, train: data_lib.Examples, out: Path, *, progress: boo
                 "seed": task.model.seed}
     if isinstance(task, LMTask):
         expected["tokenizer_hash"] = data_lib.tokenizer_hash()
-    return _cached_model(out, expected, lambda: train_lib.pretrain(model_config(task, train), train, train_config(task),
-                                                                   seed=task.model.seed, progress=progress))
+    mcfg = model_config(task, train)
+    model = _cached_model(out, expected, lambda: train_lib.pretrain(mcfg, train, train_config(task),
+                                                                    seed=task.model.seed, progress=progress),
+                          model_cfg=mcfg)
+    return model
 
 
-def _cached_model(out: Path, expected: dict[str, Any], make: Any) -> Any:
-    """The model in out/base_model (its metadata checked against `expected`), else `make()` saved there."""
+def _cached_model(out: Path, expected: dict[str, Any], make: Any, model_cfg: Any = None) -> Any:
+    """The model in out/base_model (its metadata, and its architecture when `model_cfg` is given,
+    checked against `expected`), else `make()` saved there."""
     path = out / "base_model"
     if path.exists():
-        return models.load_model(path, expected=expected)[0]
+        # the checkpoint records its architecture (model_config) itself: compared, never stored twice
+        wanted = expected if model_cfg is None else {**expected, "model_config": model_cfg.to_dict()}
+        try:
+            return models.load_model(path, expected=wanted)[0]
+        except store.IdentityError as e:
+            raise store.IdentityError(
+                f"the base model in {path} was made from other inputs ({str(e).split(': ', 1)[-1]}); use another "
+                f"--out, or delete {path} to retrain it (the ground truth and method runs made from it then "
+                "say to be deleted too)") from e
+        except (OSError, ValueError) as e:
+            raise ValueError(f"the base model in {path} is unreadable or corrupt ({e}); delete the directory "
+                             f"{path} to retrain it") from e
     store.clean_leftovers(out)
     model = make()
     models.save_model(model, path, expected)
     return model
+
+
+def warn_if_not_learned(task: Task, model: Any, loss: float) -> None:
+    """Warn when a trained base model's training `loss` ends within 2% of ln V (V its classes or
+    vocabulary) or above: the loss of a uniform guess, so the model learned nothing (a learning
+    rate far too high collapses it there). An sft task's loaded model is not trained here."""
+    chance = float(np.log(model.out_dim))
+    if not isinstance(task, SFTTask) and not loss < 0.98 * chance:
+        rc = train_config(task)
+        warnings.warn(f"the base model's training loss {loss:.3f} is at or near ln V = ln({model.out_dim}) = "
+                      f"{chance:.3f}, the loss of a uniform guess: its training (learning_rate {rc.learning_rate:g}, "
+                      f"{rc.epochs:g} epochs) learned nothing; check the recipe", stacklevel=2)
 
 
 def load(task: Task, out: str | Path, *, progress: bool = False) -> tuple[Any, Any, data_lib.Examples, np.ndarray]:
@@ -385,13 +413,60 @@ def load(task: Task, out: str | Path, *, progress: bool = False) -> tuple[Any, A
     return model, train, queries, np.arange(len(val), len(queries))
 
 
-def prepare(task: Task, out: str | Path, *, progress: bool = False, groundtruth: bool = True) -> Prepared:
-    """Data, base model and ground truth (at every alpha), each loaded from `out` when there."""
+class TaskData(NamedTuple):
+    """A task's examples: pool, validation and test queries, and a data-selection task's targets."""
+
+    train: data_lib.Examples
+    val: data_lib.Examples
+    test: data_lib.Examples
+    targets: tuple[dict[str, data_lib.Examples], ...] = ()
+
+
+def task_data(task: Task) -> TaskData:
+    """The examples of `task` (`load_data`, with the target splits of a data-selection task)."""
+    targets = tuple(target_splits(task)) if isinstance(task, SFTTask) and task.data.targets is not None else ()
+    return TaskData(*load_data(task, target_splits=targets or None), targets=targets)
+
+
+def check(task: Task, data: TaskData, stride_cfgs: Iterable[Any] = (), steerings: Iterable[Any] = ()) -> None:
+    """Every check of `task` that needs its data and its model's shape but no training, so a bad
+    setting fails in seconds, not after pretraining and the ground truth: the pool fits the model
+    and each of `stride_cfgs` (K <= n d, the hook layer within the depth, the operator bank's
+    memory, positions per example), the layer of each of `steerings` (other methods' hook layers,
+    as `SteeringConfig`s) is a hook point, and the training batches fit the pool and the ground
+    truth's subsets."""
+    from flax import nnx
+
+    from stride_jax.attribution import _check_pool
+
+    n = len(data.train)
+    if isinstance(task, SFTTask):
+        model = pretrained(task.model.path, task.model.dtype)[0]
+    else:
+        model = nnx.eval_shape(lambda: models.build(model_config(task, data.train), task.model.seed))
+    for cfg in stride_cfgs:
+        _check_pool(model, data.train, cfg.resolve_subsets(len(data.train)))
+    for steer in steerings:
+        steer.resolve(model.n_layers)
+    where = "task.finetune" if isinstance(task, SFTTask) else "task.pretrain" if isinstance(task, LMTask) else "task.train"
+    if train_config(task).batch_size > n:
+        raise ValueError(f"{where}.batch_size={train_config(task).batch_size} exceeds the pool's {n} examples")
+    for alpha in alphas(task):
+        size = int(round(alpha * n))
+        batch = retrain_config(task).batch_size
+        if size < max(1, batch):
+            raise ValueError(f"the ground truth's subsets at alpha={alpha} hold round(alpha n) = {size} of the "
+                             f"pool's {n} examples, fewer than the retraining batch_size={batch}")
+
+
+def prepare(task: Task, out: str | Path, *, progress: bool = False, groundtruth: bool = True,
+            data: TaskData | None = None) -> Prepared:
+    """Data, base model and ground truth (at every alpha), each loaded from `out` when there
+    (`data`: the task's examples when already loaded, by `task_data`)."""
     out = store.check_writable_dir(out, "run directory")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    targets = tuple(target_splits(task)) if isinstance(task, SFTTask) and task.data.targets is not None else ()
-    train, val, test = load_data(task, target_splits=targets or None)
+    train, val, test, targets = data if data is not None else task_data(task)
     queries = data_lib.concat(val, test)
     seconds["data"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -421,6 +496,7 @@ def prepare(task: Task, out: str | Path, *, progress: bool = False, groundtruth:
             "base_train_loss": float(train_lib.eval_loss(model, train[np.arange(min(len(train), 64))] if
                                                          isinstance(task, SFTTask) else train, batch_size=eb).mean()),
             "logit_scale": logit_scale(model, train, n=32 if isinstance(task, SFTTask) else 256)}
+    warn_if_not_learned(task, model, info["base_train_loss"])
     if isinstance(task, ClassifierTask):
         info["base_test_accuracy"] = float((np.asarray(model(test.inputs)).argmax(-1) == test.targets).mean())
     return Prepared(task=task, train=train, queries=queries, val_cols=val_cols, test_cols=test_cols, model=model,

@@ -70,8 +70,17 @@ __all__ = [
 
 @runtime_checkable
 class HookedModel(Protocol):
-    """What STRIDE and every baseline need from a frozen model (docs/interfaces.md)."""
+    """What STRIDE and every baseline read off a frozen model (docs/interfaces.md).
 
+    `cfg` is a frozen, hashable config that describes the inputs: a token model's has
+    `vocab_size` (and `seq_len` or `max_len`, its context), a classifier's `in_dim` and
+    `n_classes` (each optional; what is there is checked by `check_examples`). `to_dict()` on it
+    names the model in fit identities (its repr otherwise); `model_type`, `to_dict` and
+    `from_dict` are needed only to `register` it for `build`, `save_model` and `load_model`. A
+    token model also sets the class attribute `is_sequence_model = True`.
+    """
+
+    cfg: Any
     n_layers: int
     out_dim: int
 
@@ -80,6 +89,8 @@ class HookedModel(Protocol):
     def trunk(self, inputs: jax.Array, *, layer: int, mask: jax.Array | None = None) -> jax.Array: ...
 
     def rest(self, h: jax.Array, *, layer: int, mask: jax.Array | None = None) -> jax.Array: ...
+
+    def __call__(self, inputs: jax.Array, mask: jax.Array | None = None) -> jax.Array: ...
 
 
 ModelConfig = Any  # GPTConfig | MLPConfig | ConvConfig | LlamaConfig | any registered config

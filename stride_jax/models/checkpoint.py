@@ -1,7 +1,9 @@
 """Model checkpoints: orbax state + `metadata.json`, written atomically, checked on restore.
 
-A checkpoint directory holds `params/` (orbax `StandardCheckpointer`) and `metadata.json`
-({"model_type", "model_config", "format_version", "params_sha256", **metadata}). Both are
+A checkpoint directory holds `params/` (orbax `StandardCheckpointer`), `metadata.json`
+({"model_type", "model_config", "format_version", "params_sha256", **metadata}) and, when the
+model's tokenizer is known, `tokenizer/` (transformers files; its fingerprint is recorded as
+"tokenizer_fingerprint", so `stride-jax attribute` can load the model with its tokenizer). All are
 written under a temporary name and renamed into place together (`store.atomic_dir`), so a
 killed save leaves no directory that looks finished. `load_model` checks `expected` metadata
 before restoring (naming every differing field) and the restored parameters against the
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,18 +26,98 @@ from stride_jax import store
 
 METADATA_FILE = "metadata.json"
 PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 2
-_RESERVED = ("model_config", "model_type", "format_version", "params_sha256")
+_RESERVED = ("model_config", "model_type", "format_version", "params_sha256", "tokenizer_fingerprint")
+_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its tokenizer
 
 
-def save_model(model: nnx.Module, directory: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write `model`'s state and metadata into `directory`, which must not exist yet."""
+def attach_tokenizer(model: nnx.Module, tokenizer: Any) -> None:
+    """Record which tokenizer made `model`'s token ids (the loaders do it; `save_model` saves it and
+    `Stride.fit` refuses a pool tokenised by another one)."""
+    if tokenizer is not None:
+        _TOKENIZERS[model] = tokenizer
+
+
+def model_tokenizer(model: Any) -> Any:
+    """The tokenizer recorded for `model` by `attach_tokenizer`, or None."""
+    try:
+        return _TOKENIZERS.get(model)
+    except TypeError:  # not weak-referenceable: nothing was recorded
+        return None
+
+
+def check_tokenizer_of(model: Any, examples: Any, what: str) -> None:
+    """ValueError when `examples` carry another tokenizer than the one recorded for `model` (the
+    ids of one tokenizer are often in range for another's vocabulary, yet mean other words)."""
+    from stride_jax import data
+
+    tokenizer = model_tokenizer(model)
+    if tokenizer is not None:
+        data.check_same_tokenizer(examples, data.tokenizer_fingerprint(tokenizer), what)
+
+
+def _savable_tokenizer(tokenizer: Any) -> Any:
+    """A transformers fast tokenizer for `tokenizer` (the shipped one keeps its eos / pad tokens)."""
+    from stride_jax import data
+
+    if hasattr(tokenizer, "save_pretrained"):
+        return tokenizer
+    fingerprint = data.tokenizer_fingerprint(tokenizer)
+    if fingerprint is None:
+        raise TypeError(f"cannot save a tokenizer of type {type(tokenizer).__name__}: pass a transformers fast "
+                        "tokenizer or a tokenizers.Tokenizer")
+    if fingerprint == data.tokenizer_fingerprint(data.corpus_tokenizer()):
+        return data.load_tokenizer()
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+def load_tokenizer(directory: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> Any:
+    """The tokenizer of a checkpoint: its `tokenizer/` folder (checked against the recorded
+    fingerprint), the shipped tokenizer when `tokenizer_hash` names it, else None."""
+    from stride_jax import data
+
+    directory = Path(directory)
+    meta = read_metadata(directory) if meta is None else meta
+    folder = directory / TOKENIZER_DIR
+    if (folder / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+        recorded, found = meta.get("tokenizer_fingerprint"), data.tokenizer_fingerprint(tok)
+        if recorded is not None and recorded != found:
+            raise ValueError(f"{folder} holds another tokenizer than the one the model was saved with "
+                             f"(fingerprint {found[:12]} vs {recorded[:12]} in {METADATA_FILE})")
+        return tok
+    if meta.get("tokenizer_hash") == data.tokenizer_hash():
+        return data.load_tokenizer()  # a model of the shipped corpus, saved with its tokenizer's hash
+    return None
+
+
+def save_model(model: nnx.Module, directory: str | os.PathLike, metadata: Mapping[str, Any] | None = None, *,
+               tokenizer: Any = None) -> Path:
+    """Write `model`'s state and metadata into `directory`, which must not exist yet.
+
+    `tokenizer` (default: the one attached to the model, if any) is saved in `tokenizer/`, so
+    `load_pretrained` and `stride-jax attribute` load the model with it.
+    """
     import orbax.checkpoint as ocp
+
+    from stride_jax import data
 
     metadata = dict(metadata or {})
     clash = sorted(set(metadata) & set(_RESERVED))
     if clash:
         raise ValueError(f"metadata keys {clash} are reserved")
+    tokenizer = model_tokenizer(model) if tokenizer is None else tokenizer
+    if tokenizer is not None:
+        tokenizer = _savable_tokenizer(tokenizer)
+        vocab = getattr(model.cfg, "vocab_size", None)
+        if vocab is not None and len(tokenizer) > vocab:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}")
+        metadata["tokenizer_fingerprint"] = data.tokenizer_fingerprint(tokenizer)
     cfg = model.cfg
     state = nnx.state(model)
     meta = store.normalise({"model_type": cfg.model_type, "model_config": cfg.to_dict(),
@@ -49,6 +132,8 @@ def save_model(model: nnx.Module, directory: str | os.PathLike, metadata: Mappin
         checkpointer.wait_until_finished()
         checkpointer.close()
         store.write_json(tmp / METADATA_FILE, meta)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
     return directory
 
 

@@ -6,6 +6,8 @@
                            model.safetensors.index.json) + tokenizer files, as HF writes them
     save_hf(model, folder) the inverse of load_hf (float32 weights, half-split RoPE layout)
     load_pretrained(path)  any of the above, or a stride_jax checkpoint directory (models.save_model)
+    inspect_pretrained(path) the model config and tokenizer of any of these, without the weights
+                           (seconds, where loading a GGUF takes minutes: check data first)
 
 Every importer goes through one table of HF parameter names (`hf_param_map`), checks names and
 shapes (listing the first few unknown / missing ones) and the tokenizer against the embedding
@@ -410,6 +412,7 @@ def load_gguf(path: str | os.PathLike, *, dtype: str = "float32", tokenizer: boo
             "name": _field(reader, "general.name"), "license": _field(reader, "general.license"),
             "quantisation": dict(sorted(qtypes.items())), "notes": notes, "model_config": cfg.to_dict()}
     template = _field(reader, "tokenizer.chat_template")
+    _attach(model, tok)
     return Pretrained(model, tok, template or None, meta)
 
 
@@ -527,6 +530,7 @@ def load_hf(folder: str | os.PathLike, *, dtype: str = "float32", tokenizer: boo
             "name": hf.get("_name_or_path"), "dtypes": dict(sorted(dtypes.items())),
             "files": [f.name for f in files], "notes": notes, "model_config": cfg.to_dict()}
     template = getattr(tok, "chat_template", None) if tok is not None else None
+    _attach(model, tok)
     return Pretrained(model, tok, template or None, meta)
 
 
@@ -590,34 +594,100 @@ def save_hf(model: Llama, folder: str | os.PathLike, tokenizer: Any = None) -> P
 # ----------------------------------------------------------------------------- dispatch
 
 
-def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32") -> Pretrained:
-    """A GGUF file, an HF safetensors folder or a stride_jax checkpoint directory, by what is there."""
-    from stride_jax.models import checkpoint, load_model
+def _attach(model: Any, tokenizer: Any) -> None:
+    from stride_jax.models.checkpoint import attach_tokenizer
 
-    path = Path(path).absolute()
+    attach_tokenizer(model, tokenizer)
+
+
+def _kind(path: Path) -> str:
+    """"gguf", "stride_jax" or "hf": what is at `path` (FileNotFoundError / ValueError otherwise)."""
+    from stride_jax.models import checkpoint
+
     if path.is_file():
         with open(path, "rb") as f:
             magic = f.read(4)
         if path.suffix == ".gguf" or magic == b"GGUF":
-            return load_gguf(path, dtype=dtype)
+            return "gguf"
         raise ValueError(f"{path} is a file but not GGUF; pass a .gguf file, an HF folder (config.json + "
                          "model.safetensors) or a stride_jax checkpoint directory")
     if not path.is_dir():
         raise FileNotFoundError(f"no model at {path}")
     if (path / checkpoint.METADATA_FILE).is_file() and (path / checkpoint.PARAMS_DIR).is_dir():
-        model, meta = load_model(path)
-        if dtype != "float32" and isinstance(model, Llama):
-            from stride_jax.models.llama import with_dtype
-
-            model = with_dtype(model, dtype)
-        return Pretrained(model, None, None, {"format": "stride_jax", "source": str(path), **meta})
+        return "stride_jax"
     if (path / "config.json").is_file():
-        return load_hf(path, dtype=dtype)
+        return "hf"
     if any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{path} holds safetensors but no config.json: an HF model folder needs "
                                 "config.json next to model.safetensors")
     raise FileNotFoundError(f"{path} is neither an HF model folder (config.json + model.safetensors) nor a "
                             "stride_jax checkpoint (metadata.json + params/)")
+
+
+class ModelInfo(NamedTuple):
+    """What `inspect_pretrained` reads without the weights: the model config, the tokenizer (or
+    None), the chat template and {"format", "source"}."""
+
+    cfg: Any
+    tokenizer: Any
+    chat_template: str | None
+    metadata: dict[str, Any]
+
+
+def inspect_pretrained(path: str | os.PathLike) -> ModelInfo:
+    """Config and tokenizer of a GGUF file, an HF folder or a stride_jax checkpoint, weights left
+    unread (a GGUF's tensors are memory-mapped, never dequantised), so data can be tokenised and
+    checked before the slow load."""
+    from stride_jax.models import checkpoint, config_from_dict
+
+    path = Path(path).absolute()
+    kind = _kind(path)
+    if kind == "gguf":
+        import gguf
+
+        try:
+            reader = gguf.GGUFReader(path)
+        except Exception as e:  # gguf raises ValueError / struct errors on non-GGUF input
+            raise ValueError(f"{path} is not a readable GGUF file: {e!r}") from e
+        cfg = config_from_gguf(reader, source=str(path))
+        tok = tokenizer_from_gguf(reader, str(path)) if "tokenizer.ggml.tokens" in reader.fields else None
+    elif kind == "hf":
+        cfg = config_from_hf(json.loads((path / "config.json").read_text()), source=str(path / "config.json"))
+        tok = _hf_tokenizer(path)
+    else:
+        meta = checkpoint.read_metadata(path)
+        try:
+            cfg = config_from_dict(meta["model_config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"corrupted checkpoint metadata {path / checkpoint.METADATA_FILE}: {e!r}") from e
+        tok = checkpoint.load_tokenizer(path, meta)
+    template = getattr(tok, "chat_template", None) if tok is not None else None
+    return ModelInfo(cfg, tok, template or None, {"format": kind, "source": str(path)})
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32") -> Pretrained:
+    """A GGUF file, an HF safetensors folder or a stride_jax checkpoint directory, by what is there.
+
+    A checkpoint's tokenizer is its `tokenizer/` folder (`save_model(..., tokenizer=)`), or the
+    shipped one when its metadata names it (`tokenizer_hash`); the model records its tokenizer
+    (`checkpoint.model_tokenizer`)."""
+    from stride_jax.models import checkpoint, load_model
+
+    path = Path(path).absolute()
+    kind = _kind(path)
+    if kind == "gguf":
+        return load_gguf(path, dtype=dtype)
+    if kind == "hf":
+        return load_hf(path, dtype=dtype)
+    model, meta = load_model(path)
+    if dtype != "float32" and isinstance(model, Llama):
+        from stride_jax.models.llama import with_dtype
+
+        model = with_dtype(model, dtype)
+    tok = checkpoint.load_tokenizer(path, meta)
+    _attach(model, tok)
+    template = getattr(tok, "chat_template", None) if tok is not None else None
+    return Pretrained(model, tok, template or None, {"format": "stride_jax", "source": str(path), **meta})
 
 
 __all__ = [
@@ -626,6 +696,8 @@ __all__ = [
     "load_hf",
     "save_hf",
     "load_pretrained",
+    "inspect_pretrained",
+    "ModelInfo",
     "config_from_gguf",
     "config_from_hf",
     "tokenizer_from_gguf",
