@@ -307,7 +307,9 @@ class Stride:
                                                                             replace=False))
         member_PxK = np.zeros((len(rows), self.design.n_subsets), bool)
         member_PxK[np.arange(len(rows))[:, None], self.design.ids_NxS[rows]] = True
-        path = Path(workdir) / f"reference_{len(rows)}.npz" if workdir is not None else None
+        mode = self.cfg.measure.mode  # the reference is measured the way the queries are
+        name = f"reference_{len(rows)}.npz" if mode == "exact" else f"reference_{len(rows)}_{mode}.npz"
+        path = Path(workdir) / name if workdir is not None else None
         if path is not None and path.exists():
             z = store.load_npz(path)
             if np.array_equal(z["rows"], rows):
@@ -321,6 +323,8 @@ class Stride:
     def with_config(self, cfg: StrideConfig) -> Stride:
         """A facade sharing this fit under other measurement / recovery settings (no refit)."""
         self._require_fit()
+        cfg = cfg.resolve_subsets(len(self.train_ids))  # K and the step count as this fit resolved them
+        cfg = cfg.replace(fit={"steps": cfg.fit.resolve_steps(cfg.design.n_subsets)})
         for section in ("design", "steering", "fit"):
             a, b = to_dict(getattr(self.cfg, section)), to_dict(getattr(cfg, section))
             if section == "steering":
@@ -335,8 +339,10 @@ class Stride:
             other.prior_features = self.prior_features
         n_reference = min(cfg.measure.n_reference, len(self.train_ids))
         uses_reference = cfg.measure.center_operators and cfg.measure.reference == "fit"
-        if uses_reference and n_reference != len(self.reference.member_PxK):
-            # the fit-time reference of another size: measured on the same operators (cached in the workdir)
+        if uses_reference and (n_reference != len(self.reference.member_PxK)
+                               or cfg.measure.mode != self.cfg.measure.mode):
+            # the fit-time reference of another size or measurement mode: measured on the same operators
+            # (cached in the workdir), so centring subtracts operator means measured like the queries
             other.reference = other._reference(self._pool, cfg.measure.n_reference, self._workdir, progress=False)
         return other
 

@@ -404,7 +404,7 @@ def _solve_in_chunks(y_QxK, operand, l1reg_Q, lipschitz_const, init_NxQ, *, cfg,
     waste and the [N, chunk] iterates. Padding queries have y = 0 and stop at once.
     """
     n_queries = y_QxK.shape[0]
-    chunk = min(query_chunk, n_queries)
+    chunk = _query_bucket(query_chunk, n_queries)
     pad = -n_queries % chunk
     if pad:
         y_QxK = jnp.concatenate([y_QxK, jnp.zeros((pad, y_QxK.shape[1]), y_QxK.dtype)])
@@ -891,6 +891,12 @@ def _check_lipschitz(lipschitz_const) -> None:
             )
 
 
+def _query_bucket(query_chunk: int, n_queries: int) -> int:
+    """Queries per compiled block: the smallest power of two >= n_queries, capped at query_chunk
+    (at most log2(query_chunk) + 1 block shapes whatever Q; padding wastes < 2x)."""
+    return min(int(query_chunk), 1 << max(int(n_queries) - 1, 0).bit_length())
+
+
 def _check_query_chunk(query_chunk: int) -> None:
     if query_chunk < 1:
         raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
@@ -928,9 +934,11 @@ def lambda_max(y: jax.Array, design_or_matrix) -> jax.Array:
     if isinstance(design_or_matrix, Design):  # blocked passes: memory O(block x 64), not N x Q
         design = design_or_matrix
         op = _SparseOp(design.blocked_ids(_block_size(LassoConfig().block, design.n_examples)))
+        n_queries, chunk = y_QxK.shape[0], _query_bucket(_LMAX_CHUNK, y_QxK.shape[0])
+        y_QxK = jnp.concatenate([y_QxK, jnp.zeros((-n_queries % chunk, k), y_QxK.dtype)])  # padded: lmax 0
         lmax_Q = jnp.concatenate([
-            _pass_max(op, y_QxK[lo:lo + _LMAX_CHUNK], n=design.n_examples)
-            for lo in range(0, y_QxK.shape[0], _LMAX_CHUNK)])
+            _pass_max(op, y_QxK[lo:lo + chunk], n=design.n_examples)
+            for lo in range(0, y_QxK.shape[0], chunk)])[:n_queries]
     else:
         operand, n_subsets, _, _ = _as_operand(design_or_matrix)
         lmax_Q = jnp.abs(_operand_rmatvec(operand, n_subsets, y_QxK.T)).max(axis=0)
@@ -995,7 +1003,7 @@ def solve_lasso(
     y_QxK = _as_y(y, k)
     l1reg_Q = _as_l1reg(l1reg, n_queries)
 
-    chunk = min(query_chunk, n_queries)
+    chunk = _query_bucket(query_chunk, n_queries)
     n_padded = -(-n_queries // chunk) * chunk
     y_QxK = jnp.concatenate([y_QxK, jnp.zeros((n_padded - n_queries, k), y_QxK.dtype)])
     l1reg_Q = jnp.concatenate([l1reg_Q, jnp.ones(n_padded - n_queries, l1reg_Q.dtype)])

@@ -241,3 +241,33 @@ def test_prior_recovery_through_with_config_uses_the_pools_features(planted):
     assert variant.recovery_info["solver"] == "ridge" and len(variant.recovery_info["cv"]) > 1
     # the planted examples still lead the query they alone teach
     assert set(PLANTED) <= {i for i, _ in attr.top_k(0, k=8)}
+
+
+def test_with_config_measures_the_reference_in_the_new_mode(planted):
+    """Fit-time centring subtracts operator means measured like the queries: a variant in another
+    measurement mode gets a reference measured in that mode (first order is ~3x too large, so the
+    exact means would not centre it)."""
+    from stride_jax.measure import measure as measure_fn
+
+    _, pool, _, stride = planted
+    first = stride.with_config(PLANTED_CFG.replace(measure={"mode": "first_order"}))
+    ref = first.reference.measurement
+    rows = np.sort(np.random.default_rng(PLANTED_CFG.design.seed + 7).choice(len(pool), size=len(ref.base_loss_Q),
+                                                                            replace=False))
+    direct = measure_fn(stride.model, stride.bank, pool[rows], stride.cfg.steering, first.cfg.measure, progress=False)
+    np.testing.assert_allclose(ref.steered_loss_QxK, direct.steered_loss_QxK, rtol=1e-5, atol=1e-6)
+    exact = stride.reference.measurement.steered_loss_QxK
+    assert not np.allclose(ref.steered_loss_QxK, exact, rtol=1e-3)  # it is not the exact reference
+
+
+def test_with_config_accepts_the_unresolved_config_of_its_own_fit(planted):
+    """A sweep hands with_config the variant's config as written (K 'auto', steps from
+    updates_per_operator): it is the same fit once resolved, so it is accepted."""
+    model, pool, _, _ = planted
+    cfg = PLANTED_CFG.replace(design={"n_subsets": "auto"}, fit={"updates_per_operator": 2, "sparse_updates": True})
+    stride = Stride(cfg).fit(model, pool, progress=False)
+    assert stride.cfg.fit.steps == -(-2 * len(pool) // PLANTED_CFG.fit.subsets_per_step)
+    ridge = stride.with_config(cfg.replace(recovery={"solver": "ridge"}))
+    assert ridge.cfg.design.n_subsets == len(pool)
+    with pytest.raises(ValueError, match="fit differs"):
+        stride.with_config(cfg.replace(fit={"updates_per_operator": 3}))
