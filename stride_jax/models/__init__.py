@@ -60,6 +60,8 @@ __all__ = [
     "check_examples",
     "context_length",
     "param_digest",
+    "param_shapes",
+    "set_params",
     "Pretrained",
     "load_gguf",
     "load_hf",
@@ -223,6 +225,42 @@ def param_digest(model: nnx.Module) -> str:
     cfg = getattr(model, "cfg", None)
     return store.fingerprint({"config": cfg.to_dict() if hasattr(cfg, "to_dict") else repr(cfg),
                               "params": store.tree_digest(nnx.state(model, nnx.Param))})
+
+
+def param_shapes(model: nnx.Module) -> dict[str, Any]:
+    """The nested {name: shape} of the model's parameters: the layout `set_params` expects."""
+    return jax.tree.map(lambda x: tuple(np.shape(x)), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def set_params(model: nnx.Module, params: Mapping[str, Any]) -> nnx.Module:
+    """Put your own trained weights into `model` (in place; returned for chaining).
+
+    `params` is a nested dict of arrays with exactly the layout of `param_shapes(model)` (dense
+    kernels are [in, out], applied as x @ kernel: a PyTorch `Linear.weight` is [out, in], transpose
+    it). Every missing or extra entry and every shape mismatch is named before anything changes.
+    """
+    want = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    flat_want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(want)[0]}
+    try:
+        flat_got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(dict(params))[0]}
+    except TypeError as e:
+        raise ValueError(f"set_params needs a nested dict of arrays: {e}") from e
+    problems = [f"missing {k} {np.shape(v)}" for k, v in flat_want.items() if k not in flat_got]
+    problems += [f"unexpected {k}" for k in flat_got if k not in flat_want]
+    problems += [f"{k}: shape {np.shape(flat_got[k])}, the model needs {np.shape(v)}"
+                 for k, v in flat_want.items() if k in flat_got and np.shape(flat_got[k]) != np.shape(v)]
+    if problems:
+        raise ValueError(f"set_params: the weights do not fit {type(model).__name__} ({len(problems)} problems): "
+                         + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else "")
+                         + "; models.param_shapes(model) shows the layout")
+    bad = [k for k, v in flat_got.items() if not np.all(np.isfinite(np.asarray(v, np.float64)))]
+    if bad:
+        raise ValueError(f"set_params: non-finite weights in {bad[:4]}")
+    converted = jax.tree.map(lambda old, new: jnp.asarray(new, dtype=jnp.asarray(old).dtype), want, dict(params))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, converted)
+    nnx.update(model, state)
+    return model
 
 
 from stride_jax.models.checkpoint import load_model, save_model  # noqa: E402
