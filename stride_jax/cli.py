@@ -119,7 +119,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
                     config=args.config, seq_len=args.seq_len, top_k=args.top_k, progress=not args.no_progress,
                     text_column=args.text_column, prompt_column=args.prompt_column,
                     response_column=args.response_column, prompts=args.prompts, generate=args.generate,
-                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, per_token=args.per_token)
+                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, per_token=args.per_token,
+                    confidence=args.confidence)
     print(summary(out, k=min(3, args.top_k)))
     return 0
 
@@ -190,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     a.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: the whole vocabulary)")
     a.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    a.add_argument("--confidence", type=int, default=0, metavar="N",
+                   help="N bootstrap draws over the operators (re-solves, no refit): each top-k entry gets a "
+                        "stability (how often it stays in the top-k) and an interval (default 0: off)")
     a.add_argument("--per-token", action="store_true", help="also score every counted token on its own: "
                    "per_token.jsonl (top-3 per token) and per_token_scores.npz")
     a.add_argument("--no-progress", action="store_true")

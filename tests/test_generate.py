@@ -158,8 +158,9 @@ def test_cli_attributes_generations_per_token(cli_files, capsys):
     out = root / "out"
     args = ["attribute", "--model", str(gguf), "--train", str(root / "train.jsonl"), "--prompts",
             str(root / "prompts.jsonl"), "--generate", "4", "--per-token", "--preset", "quick", "--out", str(out),
-            "--no-progress"]
+            "--no-progress", "--confidence", "6"]
     assert cli.main(args) == 0
+    assert "stability" in capsys.readouterr().out  # the printed top-3 carry their stability
     read = lambda name: [json.loads(line) for line in (out / name).read_text().splitlines()]
     gens, per_token, top = read("generations.jsonl"), read("per_token.jsonl"), read("top_k.jsonl")
     pre = convert.load_gguf(gguf)
@@ -182,6 +183,14 @@ def test_cli_attributes_generations_per_token(cli_files, capsys):
     best = int(np.argmax(z["scores"][:, 0]))
     assert per_token[0]["helpful"][0]["train_id"] == int(z["train_ids"][best])
     assert store.load_npz(out / "scores.npz")["scores"].shape == (12, 2)
+    # --confidence: every top-k entry has a stability in [0, 1] and an interval around its score
+    from stride_jax import Attribution
+
+    attr = Attribution.load(out)
+    assert attr.stability is not None and attr.confidence_info["n_boot"] == 6
+    for entry in top:
+        for h in entry["helpful"] + entry["harmful"]:
+            assert 0.0 <= h["stability"] <= 1.0 and h["interval"][0] <= h["interval"][1]
 
 
 @pytest.mark.parametrize("extra, match", [

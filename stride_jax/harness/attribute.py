@@ -85,8 +85,13 @@ def attribute(*, model: str, train: str, queries: str | None, out: str, preset: 
               config: str | None = None, seq_len: int | None = None, top_k: int = 5, progress: bool = True,
               text_column: str = "text", prompt_column: str = "prompt", response_column: str = "response",
               prompts: str | None = None, generate: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-              seed: int = 0, per_token: bool = False) -> Path:
-    """Run STRIDE end to end; returns `out` (`summary(out)` formats its top examples)."""
+              seed: int = 0, per_token: bool = False, confidence: int = 0) -> Path:
+    """Run STRIDE end to end; returns `out` (`summary(out)` formats its top examples).
+
+    `confidence` > 0: that many bootstrap draws over the operators (re-solves, no refit) give each
+    top-k entry a stability and an interval (`confidence.attach`; saved with the scores)."""
+    if isinstance(confidence, bool) or not isinstance(confidence, int) or confidence < 0:
+        raise ValueError(f"--confidence must be an integer >= 0 (bootstrap draws; 0 = off), got {confidence!r}")
     if seq_len is not None and (not isinstance(seq_len, int) or seq_len < 2):
         raise ValueError(f"--seq-len must be an integer >= 2, got {seq_len!r}")
     if not isinstance(top_k, int) or top_k < 1:
@@ -106,6 +111,9 @@ def attribute(*, model: str, train: str, queries: str | None, out: str, preset: 
     check_tokenizer_vocab(info.tokenizer, info.cfg.vocab_size, str(model))
     cfg, preset, why = resolve_config(info.cfg, len(train_records), preset, overrides)
     cfg = cfg.resolve_subsets(len(train_records))
+    if confidence and cfg.recovery.solver == "ridge":
+        raise ValueError("--confidence resamples the Lasso's operators: it needs recovery.solver 'working_set' or "
+                         "'fista', not 'ridge'")
     log.info("preset %s (%s): K=%d subsets, d=%d, %d fit steps", preset, why, cfg.design.n_subsets,
              cfg.design.per_example, cfg.fit.steps)
     context = models.context_length(info.cfg)
@@ -130,6 +138,12 @@ def attribute(*, model: str, train: str, queries: str | None, out: str, preset: 
                                                     top_p, seed, out_dir)
         stride = Stride(cfg).fit(net, pool, workdir=out_dir / "fit", progress=progress)
         attr = stride.attribute(qs, progress=progress)
+        if confidence:
+            from stride_jax import confidence as confidence_lib
+
+            y = stride.responses(stride.measure(qs, progress=progress))
+            attr = confidence_lib.attach(stride, attr, y, n_boot=confidence, k=min(top_k, attr.n_train))
+            log.info("confidence: %d bootstrap draws in %.1f s", confidence, attr.confidence_info.get("seconds", 0.0))
         attr.save(out_dir)  # scores.npz + attribution.json (Attribution.load reads them back)
         lines = []
         for q in range(attr.n_query):
@@ -137,7 +151,8 @@ def attribute(*, model: str, train: str, queries: str | None, out: str, preset: 
                      "converged": bool(attr.converged[q])}
             for kind, harmful in (("helpful", False), ("harmful", True)):
                 entry[kind] = [{"train_id": int(pool.ids[i]), "score": s, "text": pool.texts[i],
-                                "record": _record(train_records[i])}
+                                "record": _record(train_records[i]),
+                                **_stability(attr, q, i, harmful)}
                                for i, s in attr.top_k(q, k=min(top_k, attr.n_train), harmful=harmful)]
             lines.append(entry)
         data.write_jsonl(out_dir / "top_k.jsonl", lines)
@@ -150,6 +165,17 @@ def attribute(*, model: str, train: str, queries: str | None, out: str, preset: 
                                                    "seconds": {k: round(v, 2) for k, v in stride.timings.items()}})
     log.info("wrote %s (scores.npz, attribution.json, top_k.jsonl, config.json)", out_dir)
     return out_dir
+
+
+def _stability(attr: Any, q: int, row: int, harmful: bool) -> dict[str, Any]:
+    """{"stability", "interval"} of a top-k entry when the attribution carries confidence."""
+    if attr.stability is None:
+        return {}
+    found = attr.confidence_of(q, row, harmful=harmful)
+    if found is None:
+        return {}
+    stability, low, high = found
+    return {"stability": stability, "interval": [low, high]}
 
 
 def _record(r: data.LMRecord) -> dict[str, str]:
@@ -172,8 +198,10 @@ def summary(out: str | Path, k: int = 3, width: int = 72) -> str:
         flag = "" if entry["converged"] else "  (recovery not converged: approximate)"
         lines.append(f"query {entry['query_id']}: {_short(entry['record'], width)}{flag}")
         for h in entry["helpful"][:k]:
-            lines.append(f"  {h['score']:+.3e}  train {h['train_id']}: {_short(h['record'], width - 10)}")
+            stab = f"  stability {h['stability']:.2f}" if "stability" in h else ""
+            lines.append(f"  {h['score']:+.3e}{stab}  train {h['train_id']}: {_short(h['record'], width - 10)}")
     lines.append(f"scores: {out / 'scores.npz'} (stride_jax.Attribution.load({str(out)!r}))")
+    lines.append(f"a page to look at: stride-jax show {out}")
     lines.append(f"top {len(entries[0]['helpful'])} helpful and harmful per query, with texts: {out / 'top_k.jsonl'}")
     lines.append(f"settings (preset and why): {out / 'config.json'}")
     return "\n".join(lines)
