@@ -91,13 +91,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     methods = args.methods.split(",") if getattr(args, "methods", None) else None
     report = run(cfg, out, results, progress=not args.no_progress, command=command or f"stride-jax run {args.config}",
                  full=full, methods=methods)
-    text = markdown({**report, "machine": "", "date": ""}, command)
+    text = markdown(report, command)
     print(text.split("## Cost")[0].rstrip())
     if report.get("examples"):
         print("\n" + "\n".join(line for line in text.splitlines() if line.startswith(("**Query**", "- helpful",
                                                                                      "- harmful"))))
     print(f"\nreport: {results / (cfg.name + '.json')} (and .md, .png)")
+    print(HOW_TO_READ)
     return 0
+
+
+HOW_TO_READ = """
+How to read the LDS: per test query, the Spearman correlation between the summed scores of a random
+training subset and minus the query's loss of a model really retrained on that subset; the table
+gives the mean over queries with a 95% interval. Higher is better; 0 is chance (the random row);
+the noise ceiling (one retraining seed against another) is roughly the best any method can reach
+on this ground truth, so compare a method with it and with the random row, not with 1."""
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -524,7 +524,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         real = [e for option, e in zip(args, errors) if option is not type(None)]
         if len(real) == 1 and isinstance(value, dict):  # an optional section: its own error says more
             raise ValueError(real[0])
-        raise TypeError(f"{where}: {value!r} is none of {_type_name(tp)}")
+        raise TypeError(f"{where}: {value!r} is none of {_type_name(tp)} ({'; '.join(errors)})")
     if tp is type(None):
         if value is None:
             return None

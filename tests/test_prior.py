@@ -175,10 +175,12 @@ def test_facade_ridge_with_features_prior(tmp_path):
     np.testing.assert_allclose(attr.lambdas, info["gamma"], rtol=1e-6)
     plain = stride.with_config(cfg.replace(recovery={"prior": "none"}))  # plain ridge on the same fit
     assert plain.recover(np.ones((1, 32), np.float32)).converged.all() and plain.recovery_info["a"] == 0.0
-    plain.cfg = cfg  # a features prior on a fit that computed no features: a clear error
+    plain.cfg = cfg  # a features prior on a fit that computed no features yet
     plain.prior_features = None
-    with pytest.raises(ValueError, match=r"recovery.prior='features' needs the pool's features"):
-        plain.recover(np.ones((1, 32), np.float32))
+    # the features are computed on demand from the fitted pool (a sweep shares one fit between
+    # Lasso and prior variants), not refused
+    plain.recover(np.ones((1, 32), np.float32))
+    assert plain.prior_features is not None and plain.prior_features.shape[0] == len(pool)
 
 
 def test_cached_features_recompute_for_another_model(tmp_path, monkeypatch):
