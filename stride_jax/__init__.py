@@ -7,6 +7,12 @@
 
 __version__ = "0.2.0"
 
+import os as _os
+
+# transformers (tokenizers and configs only here) announces at import that PyTorch is absent: not
+# news for a JAX library. A user's own setting of the variable wins.
+_os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 from stride_jax.attribution import Attribution, Stride
 from stride_jax import confidence  # the module: confidence.attach(stride, attr, y)
 from stride_jax.config import (
