@@ -693,6 +693,57 @@ def _selection_panels(axes, report, styles) -> None:
                     title="picks that are the target's own records")
 
 
+def _k_law(report: dict[str, Any]) -> dict[str, list[tuple[float, str]]]:
+    """{cell: [(K/n, STRIDE row), ...]} when the selection groups of a cell set different K (a
+    K-over-n sweep such as nk_law.yaml); {} otherwise."""
+    n_of = {c["cell"]: c.get("n_train") for c in report.get("cells", [])}
+    out: dict[str, list[tuple[float, str]]] = {}
+    for s in report.get("selection", []):
+        k = (s.get("settings") or {}).get("design", {}).get("n_subsets")
+        if s.get("group") and isinstance(k, int) and n_of.get(s["cell"]):
+            out.setdefault(s["cell"], []).append((k / n_of[s["cell"]], f"stride-{s['group']}"))
+    return {c: sorted(v) for c, v in out.items() if len({x for x, _ in v}) >= 2}
+
+
+def _law_panel(ax, report, data, styles, law) -> None:
+    """Test LDS against K/n (log x): one STRIDE line per n (the K of one pool are a series); the
+    reference methods of each n as short horizontal marks at the right, in the line's style."""
+    info = {c["cell"]: c for c in report["cells"]}
+    ax.set_gid(SERIES)
+    ls = ["-", "--", "-.", ":"]
+    refs = [m for m in styles if m in data and not _is_stride(m)]
+    right = max(x for pts in law.values() for x, _ in pts)
+    for i, cell in enumerate(sorted(law, key=lambda c: info[c]["n_train"])):
+        pts = [(x, data[m][cell]["lds"]) for x, m in law[cell] if cell in data.get(m, {}) and data[m][cell]["lds"]]
+        if not pts:
+            continue
+        v = np.array([_ci(e) for _, e in pts])
+        xs = np.array([x for x, _ in pts])
+        ax.errorbar(xs, v[:, 0], yerr=[v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]], color="k", marker="D", ms=6,
+                    linestyle=ls[i % len(ls)], capsize=2, label=f"STRIDE, n = {info[cell]['n_train']:,}", zorder=4)
+        for j, m in enumerate(refs):
+            e = data[m].get(cell)
+            if e and e["lds"]:
+                x0 = right * 1.4 * 1.25 ** j
+                ax.plot([x0, x0 * 1.2], [e["lds"]["mean"]] * 2, color=styles[m]["color"], lw=2.5,
+                        linestyle=ls[i % len(ls)], gid=REFERENCE, label=_method_label(m))
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+    ax.set_xscale("log")
+    ticks: list[float] = []
+    for t in sorted({x for pts in law.values() for x, _ in pts}):
+        if not ticks or t > 1.15 * ticks[-1]:  # K = 1000 and n / 3 can nearly coincide: one label
+            ticks.append(t)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticklabels([f"{t:.2g}" for t in ticks], fontsize=7, rotation=45)
+    ax.set_xlabel("subsets per training example, K / n (log); references at the right")
+    ax.set_ylabel("test LDS")
+    ax.axhline(0, color="0.8", lw=0.8, zorder=0, gid=REFERENCE)
+    ax.set_title("STRIDE as K grows with n")
+
+
 def figure(report: dict[str, Any]):
     """The figure of a report (a matplotlib `Figure`, no pyplot), or None when it has nothing to draw."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -711,7 +762,8 @@ def figure(report: dict[str, Any]):
     has_lds = any(e["lds"] for d in data.values() for e in d.values())
     has_secs = any(e["seconds"] is not None for d in data.values() for e in d.values())
     layout = _layout(report) if has_lds else "cells"
-    plan: list[str] = []  # panel kinds, left to right
+    law = _k_law(report) if has_lds else {}
+    plan: list[str] = ["law"] if law else []  # panel kinds, left to right
     if report.get("contamination"):
         plan += ["recall"] * len({r["bucket_fraction"] for ct in report["contamination"] for r in ct["recall"]})
     if report.get("data_selection"):
@@ -731,6 +783,8 @@ def figure(report: dict[str, Any]):
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(*shape, i + 1) for i in range(len(plan))]
     at = {k: [a for a, kk in zip(axes, plan) if kk == k] for k in plan}
+    if "law" in at:
+        _law_panel(at["law"][0], report, data, styles, law)
     if "recall" in at:
         _contamination_panels(at["recall"], report, styles)
     if "selection" in at:
