@@ -139,6 +139,12 @@ class Examples:
         return int(self.ids.shape[0])
 
     @property
+    def loss_weights(self) -> np.ndarray | None:
+        """[N, T] weight of each position in every loss: `loss_mask`, else the padding `mask`, else
+        None (every position counts). The one place this rule lives."""
+        return self.loss_mask if self.loss_mask is not None else self.mask
+
+    @property
     def is_tokens(self) -> bool:
         return self.targets.ndim == 2
 

@@ -407,7 +407,7 @@ class Fitter:
         self.model_graphdef, self.model_state = nnx.split(model)
         dtype = jnp.bfloat16 if cfg.fit.cache_dtype == "bfloat16" else jnp.float32
         h, h_out = compute_features(model, examples, steer_cfg.layer, dtype=dtype, progress=progress)
-        weights = examples.loss_mask if examples.loss_mask is not None else examples.mask
+        weights = examples.loss_weights
         indptr, members = design.inverse()
         self.data = FitData(
             h=h, h_out=h_out, targets=jnp.asarray(examples.targets),

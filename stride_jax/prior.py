@@ -125,7 +125,7 @@ def pool_features(model: Any, examples: Any, layer: int, *, dim: int = 64, batch
         h, h_top = compute_features(model, part, layer, batch_size=batch_size, progress=progress)
         h, h_top = np.asarray(h, np.float64), np.asarray(h_top, np.float64)
         if h.ndim == 3:  # [B, T, D]: pool over counted positions
-            weights = part.loss_mask if part.loss_mask is not None else part.mask
+            weights = part.loss_weights
             w_BxT = np.ones(h.shape[:2]) if weights is None else np.asarray(weights, np.float64)
             count_B = w_BxT.sum(axis=1)
             pool = lambda s: np.einsum("bt,btd->bd", w_BxT, s) / np.maximum(count_B, _TINY)[:, None]

@@ -44,7 +44,7 @@ def padded_chunks(n: int, chunk: int) -> Iterator[tuple[int, int, np.ndarray]]:
 
 def host_batch(examples: Examples, idx: np.ndarray) -> tuple[Any, Any, Any, Any]:
     """(inputs, targets, padding mask or None, loss weights or None) of rows `idx`, on device."""
-    weights = examples.loss_mask if examples.loss_mask is not None else examples.mask
+    weights = examples.loss_weights
     take = lambda a: None if a is None else jnp.asarray(np.asarray(a)[idx])
     return take(examples.inputs), take(examples.targets), take(examples.mask), take(weights)
 
