@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from stride_jax import recovery
-from stride_jax.attribution import Attribution
+from stride_jax.scores import Attribution
 from stride_jax.config import RecoveryConfig
 from stride_jax.design import Design
 

@@ -4,7 +4,7 @@ For m random training subsets S_1..S_m (retrained models give query losses f_q(S
 attribution scores tau [N, Q] (positive = helps the query), the datamodel prediction is
 g_q(S_j) = sum_{i in S_j} tau_iq and LDS_q = Spearman_j(g_q(S_j), -f_q(S_j)) (STRIDE,
 arXiv 2606.05165, section 3 of docs/STRIDE.md). Scores are a dense [N, Q] array or a
-`recovery.SparseScores` (never densified: memory follows the nonzeros). Numpy only: no scipy
+`scores.SparseScores` (never densified: memory follows the nonzeros). Numpy only: no scipy
 at runtime.
 """
 
@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from stride_jax.recovery import SparseScores
+from stride_jax.scores import SparseScores
 
 _CHUNK_ELEMENTS = 1 << 20  # bound on [B, Q, M] temporaries in the bootstrap
 _MASK_ELEMENTS = 1 << 22  # bound on the [B, N] membership mask when summing scores

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import pathlib
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stride_jax.design import Design, design_matvec, design_rmatvec
+from stride_jax.scores import SparseScores
 
 _TINY = 1e-30  # floor of denominators (relative gap of an all-zero problem is 0)
 _GROUP = 16  # columns per group in the candidate search of a full pass (see `_full_pass`)
@@ -669,127 +669,7 @@ def _ws_chunk(y_QxK, l1reg_Q, idx_QxW, w_QxW, op, *, cfg: LassoConfig, n: int, n
 # Sparse scores
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class SparseScores:
-    """Scores [N, Q] stored by query (CSR over queries): memory follows the nonzeros.
-
-    Query q's nonzero rows are rows[indptr[q]:indptr[q+1]] (sorted, distinct) with values
-    values[indptr[q]:indptr[q+1]]; every other row scores 0. Sign as everywhere in stride_jax:
-    positive = including the example lowers the query's loss.
-    """
-
-    indptr: np.ndarray  # [Q + 1] int64
-    rows: np.ndarray  # [nnz] int32 (int64 when N >= 2^31)
-    values: np.ndarray  # [nnz] float32
-    n_rows: int  # N
-
-    def __post_init__(self):
-        indptr = np.asarray(self.indptr, dtype=np.int64)
-        n_rows = int(self.n_rows)
-        rows = np.asarray(self.rows).astype(np.int32 if n_rows < 2**31 else np.int64, copy=False)
-        values = np.asarray(self.values, dtype=np.float32)
-        if indptr.ndim != 1 or indptr.size < 1 or indptr[0] != 0 or (np.diff(indptr) < 0).any():
-            raise ValueError("indptr must be [Q + 1], start at 0 and be non-decreasing")
-        if rows.shape != (indptr[-1],) or values.shape != rows.shape:
-            raise ValueError(
-                f"rows {rows.shape} and values {values.shape} must both be [nnz = indptr[-1] = "
-                f"{indptr[-1]}]"
-            )
-        if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
-            raise ValueError(f"rows must lie in [0, n_rows={n_rows}), got [{rows.min()}, {rows.max()}]")
-        step = np.diff(rows.astype(np.int64))
-        starts = indptr[1:-1][(indptr[1:-1] > 0) & (indptr[1:-1] < rows.size)]
-        within = np.ones(step.size, bool)
-        within[starts - 1] = False  # a query's first row may be below the previous query's last
-        if (step[within] <= 0).any():
-            raise ValueError("rows must be sorted and distinct within each query")
-        for name, value in (("indptr", indptr), ("rows", rows), ("values", values)):
-            value.setflags(write=False)
-            object.__setattr__(self, name, value)
-        object.__setattr__(self, "n_rows", n_rows)
-
-    @property
-    def n_queries(self) -> int:
-        return self.indptr.size - 1
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n_rows, self.n_queries)
-
-    @property
-    def nnz(self) -> int:
-        return int(self.rows.size)
-
-    @classmethod
-    def from_dense(cls, scores_NxQ: np.ndarray) -> SparseScores:
-        """The nonzeros of a dense [N, Q] array."""
-        scores_NxQ = np.asarray(scores_NxQ)
-        if scores_NxQ.ndim != 2:
-            raise ValueError(f"scores must be [N, Q], got shape {scores_NxQ.shape}")
-        q_idx, rows = np.nonzero(scores_NxQ.T)
-        indptr = np.zeros(scores_NxQ.shape[1] + 1, np.int64)
-        np.cumsum(np.bincount(q_idx, minlength=scores_NxQ.shape[1]), out=indptr[1:])
-        return cls(indptr, rows, scores_NxQ[rows, q_idx], scores_NxQ.shape[0])
-
-    def query_of_entries(self) -> np.ndarray:
-        """[nnz] the query (column) of each stored entry."""
-        return np.repeat(np.arange(self.n_queries), np.diff(self.indptr))
-
-    def to_dense(self) -> np.ndarray:
-        """Dense [N, Q] float32 (N x Q x 4 bytes: at scale, prefer the sparse methods)."""
-        out = np.zeros(self.shape, np.float32)
-        out[self.rows, self.query_of_entries()] = self.values
-        return out
-
-    def entries(self, q: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, values) of query q's nonzeros."""
-        if not 0 <= q < self.n_queries:
-            raise IndexError(f"query {q} out of range [0, {self.n_queries})")
-        lo, hi = self.indptr[q], self.indptr[q + 1]
-        return self.rows[lo:hi], self.values[lo:hi]
-
-    def column(self, q: int) -> np.ndarray:
-        """Query q's scores as a dense [N] float32 vector."""
-        rows, values = self.entries(q)
-        out = np.zeros(self.n_rows, np.float32)
-        out[rows] = values
-        return out
-
-    def top_k(self, q: int, k: int = 10, *, harmful: bool = False) -> list[tuple[int, float]]:
-        """The k most helpful (most harmful with harmful=True) examples for query q: (row, score).
-
-        Same order as a stable argsort of the dense column (ties, zeros among them, by row),
-        without building it.
-        """
-        rows, values = self.entries(q)
-        signed = -values if harmful else values
-        first = np.lexsort((rows, -signed))  # by signed score descending, then by row
-        pos, neg = first[signed[first] > 0], first[signed[first] < 0]
-        picked = [(int(rows[i]), float(values[i])) for i in pos[:k]]
-        if len(picked) < k:  # zeros next, by row: unstored rows and stored zeros alike
-            stored_nonzero = rows[values != 0]
-            candidates = np.arange(min(self.n_rows, k + stored_nonzero.size))
-            zero_rows = candidates[~np.isin(candidates, stored_nonzero)][:k - len(picked)]
-            picked += [(int(i), 0.0) for i in zero_rows]
-        picked += [(int(rows[i]), float(values[i])) for i in neg[:k - len(picked)]]
-        return picked
-
-    def save(self, path: str | pathlib.Path) -> pathlib.Path:
-        """Write `<path>.npz` (no pickle). Returns the path written."""
-        path = pathlib.Path(path).with_suffix(".npz")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, format=np.asarray("stride_jax.SparseScores/1"), indptr=self.indptr,
-                 rows=self.rows, values=self.values, n_rows=np.int64(self.n_rows))
-        return path
-
-    @classmethod
-    def load(cls, path: str | pathlib.Path) -> SparseScores:
-        """Read scores written by `save` (allow_pickle=False; checked like a new instance)."""
-        path = pathlib.Path(path).with_suffix(".npz")
-        with np.load(path, allow_pickle=False) as data:
-            if "format" not in data.files or str(data["format"]) != "stride_jax.SparseScores/1":
-                raise ValueError(f"{path} is not a SparseScores file (no matching 'format' entry)")
-            return cls(data["indptr"], data["rows"], data["values"], int(data["n_rows"]))
+# `SparseScores` lives in stride_jax/scores.py (imported above).
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     run["meta"] = _read_json(run_dir / "attribution.json")
     run["attribution"] = None
     if run["meta"] is not None and (run_dir / "scores.npz").is_file():
-        from stride_jax.attribution import Attribution
+        from stride_jax.scores import Attribution
 
         try:
             run["attribution"] = Attribution.load(run_dir)

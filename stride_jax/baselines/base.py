@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from stride_jax import models
-from stride_jax.attribution import Attribution
+from stride_jax.scores import Attribution
 from stride_jax.data import Examples
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import math
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stride_jax.attribution import Attribution
+from stride_jax.scores import Attribution
 from stride_jax.data import Examples
 from stride_jax.baselines.base import make_attribution
 from stride_jax.baselines.gradients import dot_t

@@ -27,7 +27,6 @@ from __future__ import annotations
 import fnmatch
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from stride_jax.attribution import Attribution
+from stride_jax.scores import Attribution
 from stride_jax.baselines.base import batches, check_queries, check_train, make_attribution, one_loss
 from stride_jax.data import Examples
 

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stride_jax.attribution import Attribution
+from stride_jax.scores import Attribution
 from stride_jax.baselines.base import batch_loss, batches, check_queries, check_train, make_attribution
 from stride_jax.baselines.gradients import dot_t
 from stride_jax.data import Examples

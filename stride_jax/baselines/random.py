@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
-from stride_jax.attribution import Attribution
+from stride_jax.scores import Attribution
 from stride_jax.data import Examples
 from stride_jax.baselines.base import make_attribution
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stride_jax.attribution import Attribution
+from stride_jax.scores import Attribution
 from stride_jax.data import Examples
 from stride_jax.baselines.base import batches, check_queries, check_train, make_attribution
 

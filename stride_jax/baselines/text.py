@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 from flax import nnx
 
-from stride_jax.attribution import Attribution
+from stride_jax.scores import Attribution
 from stride_jax.data import Examples
 from stride_jax.baselines.base import make_attribution
 

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from stride_jax.attribution import Attribution
+from stride_jax.scores import Attribution
 from stride_jax.baselines.base import batches, check_queries, check_train, make_attribution, one_loss
 from stride_jax.baselines.gradients import dot_t, num_params, split_params
 from stride_jax.data import Examples

@@ -27,7 +27,7 @@ from stride_jax.harness import counterfactual as cf_lib
 from stride_jax.harness import report as report_lib
 from stride_jax.harness import runner, sweep
 from stride_jax.harness import tasks as tasks_lib
-from stride_jax.harness.config import ClassifierTask, ExperimentConfig, MethodSpec
+from stride_jax.harness.config import ClassifierTask, ExperimentConfig
 
 log = logging.getLogger("stride_jax")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from stride_jax import store
-from stride_jax.attribution import Attribution
+from stride_jax.scores import Attribution
 from stride_jax.config import to_dict
 from stride_jax.harness import methods as methods_lib
 from stride_jax.harness import tasks as tasks_lib

@@ -12,7 +12,6 @@ recorded sha256, so a corrupted file is an error, never silently changed weights
 
 from __future__ import annotations
 
-import json
 import os
 import weakref
 from collections.abc import Mapping
