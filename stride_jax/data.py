@@ -144,6 +144,15 @@ class Examples:
         None (every position counts). The one place this rule lives."""
         return self.loss_mask if self.loss_mask is not None else self.mask
 
+    def device_batch(self, idx: np.ndarray | None = None) -> tuple[Any, Any, Any, Any]:
+        """(inputs, targets, padding mask or None, loss weights or None) as device arrays, of rows
+        `idx` (all rows when None): the one batching helper of training, measurement and baselines."""
+        import jax.numpy as jnp
+
+        pick = (lambda a: a) if idx is None else (lambda a: np.asarray(a)[idx])
+        put = lambda a: None if a is None else jnp.asarray(pick(a))  # noqa: E731
+        return put(self.inputs), put(self.targets), put(self.mask), put(self.loss_weights)
+
     @property
     def is_tokens(self) -> bool:
         return self.targets.ndim == 2

@@ -45,7 +45,6 @@ from stride_jax import models, steering
 from stride_jax.config import MeasureConfig, SteeringConfig
 from stride_jax.models import example_loss
 from stride_jax.steering import OperatorBank
-from stride_jax.train import device_batch
 
 
 class Measurement(NamedTuple):
@@ -192,7 +191,7 @@ def measure(
     base, steered = [], []
     for start in tqdm(range(0, n, size), desc=desc, disable=not progress, leave=False):
         idx = np.minimum(np.arange(start, start + size), n - 1)  # last chunk padded
-        b, s = chunk_fn(model_state, bank.basis, coef, device_batch(queries[idx]), model_graphdef=model_graphdef,
+        b, s = chunk_fn(model_state, bank.basis, coef, queries[idx].device_batch(), model_graphdef=model_graphdef,
                         op_graphdef=bank.graphdef, cfg=steer_cfg, operator_chunk=operator_chunk, mode=cfg.mode)
         keep = min(size, n - start)
         base.append(np.asarray(b)[:keep])

@@ -192,10 +192,9 @@ def _batch_order(subset_idx_Ns: np.ndarray, seed: int, total_steps: int, batch: 
 
 
 def device_batch(examples) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
-    """(inputs, targets, padding mask or None, loss weights or None) of `examples` on device."""
-    weights = examples.loss_weights
-    as_dev = lambda a: None if a is None else jnp.asarray(a)
-    return (jnp.asarray(examples.inputs), jnp.asarray(examples.targets), as_dev(examples.mask), as_dev(weights))
+    """(inputs, targets, padding mask or None, loss weights or None) of `examples` on device
+    (`Examples.device_batch`)."""
+    return examples.device_batch()
 
 
 def take(batch, idx):

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -44,9 +43,7 @@ def padded_chunks(n: int, chunk: int) -> Iterator[tuple[int, int, np.ndarray]]:
 
 def host_batch(examples: Examples, idx: np.ndarray) -> tuple[Any, Any, Any, Any]:
     """(inputs, targets, padding mask or None, loss weights or None) of rows `idx`, on device."""
-    weights = examples.loss_weights
-    take = lambda a: None if a is None else jnp.asarray(np.asarray(a)[idx])
-    return take(examples.inputs), take(examples.targets), take(examples.mask), take(weights)
+    return examples.device_batch(idx)
 
 
 def batches(examples: Examples, chunk: int) -> Iterator[tuple[int, int, tuple]]:
