@@ -5,7 +5,7 @@
     attr.scores  # [n_train, n_query]; positive = the example lowers the query's loss
 """
 
-__version__ = "0.2.0"
+from stride_jax.version import __version__  # noqa: F401
 
 import os as _os
 

@@ -114,7 +114,7 @@ def pool_features(model: Any, examples: Any, layer: int, *, dim: int = 64, batch
     by `seed`. Scaled so mean_i ||Phi_i||^2 = 1 (see the module docstring). States are pooled
     `chunk` examples at a time, so memory is O(chunk T D + N F), never [N, T, D] for the pool.
     """
-    from stride_jax.fit import compute_features  # fit imports config, which imports this module
+    from stride_jax.features import compute_features
 
     if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
         raise ValueError(f"recovery.prior_dim must be an integer >= 1, got {dim!r}")

@@ -98,7 +98,7 @@ def tree_digest(tree: Any) -> str:
 
 def provenance() -> dict[str, Any]:
     """Package version and git commit (when the package runs from a git checkout)."""
-    from stride_jax import __version__
+    from stride_jax.version import __version__
 
     commit = None
     root = Path(__file__).resolve().parent.parent

@@ -167,7 +167,7 @@ def load_model(
     """
     import orbax.checkpoint as ocp
 
-    from stride_jax.models import _build_with_key, config_from_dict
+    from stride_jax.models.registry import _build_with_key, config_from_dict
 
     directory = Path(directory).absolute()
     meta = read_metadata(directory)

@@ -638,7 +638,8 @@ def inspect_pretrained(path: str | os.PathLike) -> ModelInfo:
     """Config and tokenizer of a GGUF file, an HF folder or a stride_jax checkpoint, weights left
     unread (a GGUF's tensors are memory-mapped, never dequantised), so data can be tokenised and
     checked before the slow load."""
-    from stride_jax.models import checkpoint, config_from_dict
+    from stride_jax.models import checkpoint
+    from stride_jax.models.registry import config_from_dict
 
     path = Path(path).absolute()
     kind = _kind(path)
@@ -671,7 +672,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32") -> Pretr
     A checkpoint's tokenizer is its `tokenizer/` folder (`save_model(..., tokenizer=)`), or the
     shipped one when its metadata names it (`tokenizer_hash`); the model records its tokenizer
     (`checkpoint.model_tokenizer`)."""
-    from stride_jax.models import checkpoint, load_model
+    from stride_jax.models import checkpoint
+    from stride_jax.models.checkpoint import load_model
 
     path = Path(path).absolute()
     kind = _kind(path)
