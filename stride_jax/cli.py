@@ -91,7 +91,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     methods = args.methods.split(",") if getattr(args, "methods", None) else None
     report = run(cfg, out, results, progress=not args.no_progress, command=command or f"stride-jax run {args.config}",
                  full=full, methods=methods)
-    text = markdown(report, command)
+    import time
+
+    from stride_jax.harness.report import machine
+
+    text = markdown({**report, "machine": report.get("machine") or machine(),
+                     "date": report.get("date") or time.strftime("%Y-%m-%d")}, command)
     print(text.split("## Cost")[0].rstrip())
     if report.get("examples"):
         print("\n" + "\n".join(line for line in text.splitlines() if line.startswith(("**Query**", "- helpful",
