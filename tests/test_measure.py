@@ -122,15 +122,22 @@ def test_measure_rejects_bad_queries(setup):
         measure(model, bank, Examples(inputs=long_x, targets=long_x, ids=np.arange(2)), cfg, progress=False)
 
 
-def test_sharded_measurement_equals_single_device(setup):
-    model, q = setup
+def _mesh_and_bank(model, scale: float):
+    """A 4-device "subsets" mesh (skip with fewer devices) and 8 random operators of `scale`."""
     devices = np.array(jax.devices()[:4])
     if len(devices) < 2:
         pytest.skip("needs several (host) devices; tests/conftest.py forces 4")
     mesh = jax.sharding.Mesh(devices, ("subsets",))
     cfg = SteeringConfig(layer=1, rank=2)
     bank = steering.init_bank(model, 8, cfg, seed=0)
-    bank = bank._replace(coef=jax.tree.map(lambda c: jax.random.normal(jax.random.PRNGKey(3), c.shape), bank.coef))
+    bank = bank._replace(coef=jax.tree.map(lambda c: scale * jax.random.normal(jax.random.PRNGKey(3), c.shape),
+                                           bank.coef))
+    return mesh, cfg, bank
+
+
+def test_sharded_measurement_equals_single_device(setup):
+    model, q = setup
+    mesh, cfg, bank = _mesh_and_bank(model, 1.0)
     single = measure(model, bank, q, cfg, progress=False)
     sharded = measure(model, bank, q, cfg, progress=False, mesh=mesh)
     np.testing.assert_allclose(sharded.steered_loss_QxK, single.steered_loss_QxK, rtol=1e-5)
@@ -255,14 +262,7 @@ def test_expansions_floor_losses_and_validate_mode(setup):
 @pytest.mark.parametrize("mode", ["first_order", "second_order"])
 def test_sharded_expansion_equals_single_device(setup, mode):
     model, q = setup
-    devices = np.array(jax.devices()[:4])
-    if len(devices) < 2:
-        pytest.skip("needs several (host) devices; tests/conftest.py forces 4")
-    mesh = jax.sharding.Mesh(devices, ("subsets",))
-    cfg = SteeringConfig(layer=1, rank=2)
-    bank = steering.init_bank(model, 8, cfg, seed=0)
-    bank = bank._replace(coef=jax.tree.map(lambda c: 0.3 * jax.random.normal(jax.random.PRNGKey(3), c.shape),
-                                           bank.coef))
+    mesh, cfg, bank = _mesh_and_bank(model, 0.3)
     single = measure(model, bank, q, cfg, MeasureConfig(mode=mode), progress=False)
     sharded = measure(model, bank, q, cfg, MeasureConfig(mode=mode), progress=False, mesh=mesh)
     np.testing.assert_allclose(sharded.steered_loss_QxK, single.steered_loss_QxK, rtol=1e-5)
