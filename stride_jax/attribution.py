@@ -65,7 +65,7 @@ def _warn_below_knee(n_subsets: int, n_train: int) -> None:
     _warned_knee.add((n_subsets, n_train))
     log.warning("design.n_subsets K=%d is %.2f of the pool's n=%d, below the knee K/n = %.2g measured in "
                 "experiments/results/nk_law.md: scores will be much less accurate than at K near n "
-                "(design.n_subsets='auto' picks K = n)", n_subsets, n_subsets / n_train, n_train, KNEE_RATIO)
+                "(design.n_subsets='auto' picks K = 2n)", n_subsets, n_subsets / n_train, n_train, KNEE_RATIO)
 
 
 class Stride:

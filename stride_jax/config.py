@@ -49,15 +49,16 @@ class DesignConfig:
 
     n_subsets="auto" picks K from the pool size n when the fit starts (`resolve_subsets`):
     K = ceil(auto_ratio * n), at least per_example and at most min(n * per_example, max_subsets).
-    auto_ratio's default is the measured law of issue 22 (experiments/results/nk_law.md: STRIDE's
-    test LDS reaches 90% of its plateau at about K = n); max_subsets is the budget cap (operators'
-    fit and measurement cost grow linearly in K).
+    auto_ratio's default is the measured law of issue 22 (experiments/results/nk_law.md: on
+    validation queries STRIDE reaches 90% of its best LDS over K in {n/3, n, 2n, 4n} at K = 2n on
+    both pools measured, not at K = n); max_subsets is the budget cap (operators' fit and
+    measurement cost grow linearly in K; with fit.sparse_updates a step's cost does not).
     """
 
     n_subsets: int | Literal["auto"] = 512  # K
     per_example: int = 8  # the paper's d (S in shape names)
     seed: int = 0
-    auto_ratio: float = 1.0  # K / n for n_subsets="auto"
+    auto_ratio: float = 2.0  # K / n for n_subsets="auto" (the measured knee, nk_law.md)
     max_subsets: int = 65536  # the cap of n_subsets="auto"
 
     def __post_init__(self) -> None:
@@ -432,6 +433,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "stability_batch": 16, "positions_per_example": None},
         "recovery": {"lambda_frac": 0.1},
     },
+    # The n >> K law's setting (experiments/results/nk_law.md, issue 22): K = 2n subsets (d 10), each
+    # operator updated ~20 times whatever K (sparse updates: a step's cost does not grow with K), and
+    # recovery by ridge with the prior from the pool's own features (strength chosen by held-out
+    # operators). For the project's GPTs on pools larger than the `lm` preset's K / 2 = 1024.
+    "lm-auto": {"design": {"n_subsets": "auto", "per_example": 10},
+                "steering": {"rank": 1},
+                "fit": {"learning_rate": 0.01, "updates_per_operator": 20, "sparse_updates": True},
+                "recovery": {"solver": "ridge", "prior": "features"}},
     "quick": {"design": {"n_subsets": 32, "per_example": 4},
               "fit": {"steps": 20, "subsets_per_step": 8, "checkpoint_every": 10}},
     # A real pretrained LM in minutes on a CPU (stride-jax attribute --preset llm-quick): the hook at
@@ -449,6 +458,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # model_type -> (preset, why): what `choose_preset` picks for a model of that kind
 _PRESET_FOR_MODEL = {
     "gpt": ("lm", "a stride_jax GPT: 'lm', measured on the demo's GPT pool"),
+    "gpt-large-pool": ("lm-auto", "a stride_jax GPT on a pool of more than 1,024 examples: 'lm-auto', K = 2n with "
+                                  "the features prior (the n >> K law, nk_law.md)"),
     "llama": ("llm-quick", "a pretrained LM (Llama family, GGUF / HF): 'llm-quick', minutes on a CPU"),
     "mlp": ("classifier", "a classifier: 'classifier', measured on MLPs over 3 data sets"),
     "conv": ("classifier", "a classifier: 'classifier', measured on MLPs over 3 data sets"),
@@ -462,6 +473,8 @@ def choose_preset(model: Any, n_train: int) -> tuple[str, str]:
     if kind not in _PRESET_FOR_MODEL:
         raise ValueError(f"no preset is known for a model of type {kind!r}; pass a StrideConfig "
                          f"(presets: {sorted(PRESETS)})")
+    if kind == "gpt" and n_train > 1024:  # lm's K = 2048 is below 2n: the law's preset
+        kind = "gpt-large-pool"
     name, why = _PRESET_FOR_MODEL[kind]
     cfg, note = pool_preset(name, n_train)
     return name, why + (f"; {note}" if note else "")
@@ -472,6 +485,8 @@ def pool_preset(name: str, n_train: int, **sections: dict[str, Any]) -> tuple[St
     fit.subsets_per_step to at most K; a note saying so, or ""). At most n * d subsets can be
     non-empty, and K beyond n gained little (docs/STRIDE.md section 6)."""
     cfg = StrideConfig.preset(name, **sections)
+    if cfg.design.n_subsets == "auto":  # K follows the pool by design.auto_ratio
+        return cfg.resolve_subsets(n_train), ""
     k, d, step = cfg.design.n_subsets, cfg.design.per_example, cfg.fit.subsets_per_step
     if k <= n_train:
         return cfg, ""

@@ -200,12 +200,12 @@ def test_presets_are_named_and_validated():
 
 def test_auto_subsets_follow_the_pool_and_the_caps():
     cfg = StrideConfig().replace(design={"n_subsets": "auto", "per_example": 4}, fit={"subsets_per_step": 32})
-    assert cfg.resolve_subsets(100).design.n_subsets == 100  # auto_ratio 1: K = n
-    assert cfg.replace(design={"auto_ratio": 2.0}).resolve_subsets(100).design.n_subsets == 200
+    assert cfg.resolve_subsets(100).design.n_subsets == 200  # the default auto_ratio 2: K = 2n (the law)
+    assert cfg.replace(design={"auto_ratio": 1.0}).resolve_subsets(100).design.n_subsets == 100
     assert cfg.replace(design={"auto_ratio": 10.0}).resolve_subsets(10).design.n_subsets == 40  # <= n d
     assert cfg.replace(design={"max_subsets": 50}).resolve_subsets(100).design.n_subsets == 50
     small = cfg.resolve_subsets(6)
-    assert small.design.n_subsets == 6 and small.fit.subsets_per_step == 6  # a step cannot hold more than K
+    assert small.design.n_subsets == 12 and small.fit.subsets_per_step == 12  # a step cannot hold more than K
     fixed = StrideConfig().replace(design={"n_subsets": 64})
     assert fixed.resolve_subsets(10**6) is fixed
     for bad in ({"auto_ratio": 0}, {"auto_ratio": float("inf")}, {"n_subsets": "many"}):
@@ -218,7 +218,7 @@ def test_auto_subsets_reach_the_fit_and_a_small_k_warns_once(planted, caplog):
     auto = PLANTED_CFG.replace(design={"n_subsets": "auto"}, fit={"steps": 5})
     with caplog.at_level(logging.WARNING, logger="stride_jax"):
         stride = Stride(auto).fit(model, pool, progress=False)
-    assert stride.cfg.design.n_subsets == len(pool) and stride.design.n_subsets == len(pool)
+    assert stride.cfg.design.n_subsets == 2 * len(pool) and stride.design.n_subsets == 2 * len(pool)
     assert "below the knee" not in caplog.text
     small = PLANTED_CFG.replace(design={"n_subsets": 16}, fit={"steps": 5})
     caplog.clear()
@@ -266,8 +266,8 @@ def test_with_config_accepts_the_unresolved_config_of_its_own_fit(planted):
     model, pool, _, _ = planted
     cfg = PLANTED_CFG.replace(design={"n_subsets": "auto"}, fit={"updates_per_operator": 2, "sparse_updates": True})
     stride = Stride(cfg).fit(model, pool, progress=False)
-    assert stride.cfg.fit.steps == -(-2 * len(pool) // PLANTED_CFG.fit.subsets_per_step)
+    assert stride.cfg.fit.steps == -(-2 * 2 * len(pool) // PLANTED_CFG.fit.subsets_per_step)  # K = 2n
     ridge = stride.with_config(cfg.replace(recovery={"solver": "ridge"}))
-    assert ridge.cfg.design.n_subsets == len(pool)
+    assert ridge.cfg.design.n_subsets == 2 * len(pool)
     with pytest.raises(ValueError, match="fit differs"):
         stride.with_config(cfg.replace(fit={"updates_per_operator": 3}))

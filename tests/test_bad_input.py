@@ -610,7 +610,11 @@ def test_a_model_without_tokenizer_says_how_to_save_one(tmp_path, capsys):
 def test_choose_preset_follows_the_model():
     from stride_jax.config import choose_preset, pool_preset
 
-    assert choose_preset(models.build(TINY_GPT, 0), 5000)[0] == "lm"
+    assert choose_preset(models.build(TINY_GPT, 0), 1000)[0] == "lm"
+    name, why = choose_preset(models.build(TINY_GPT, 0), 5000)  # a pool beyond lm's K / 2: the n >> K law
+    assert name == "lm-auto" and "K = 2n" in why
+    cfg, _ = pool_preset("lm-auto", 5000)
+    assert cfg.design.n_subsets == 10000 and cfg.recovery.prior == "features" and cfg.fit.sparse_updates
     assert choose_preset(models.LlamaConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1,
                                             ffn_dim=8, max_len=8), 100)[0] == "llm-quick"
     assert choose_preset("mlp", 1000)[0] == "classifier"
