@@ -256,17 +256,24 @@ class Stride:
             log.warning(msg)
         return attr
 
-    def attribute(self, queries: Any, *, progress: bool = True) -> Attribution:
-        """Scores [N, Q] for `queries`: measure all operators, centre, recover."""
+    def attribute(self, queries: Any, *, progress: bool = True, confidence: int = 0, k: int = 10) -> Attribution:
+        """Scores [N, Q] for `queries`: measure all operators, centre, recover. `confidence` > 0:
+        that many bootstrap re-solves over the operators (the same measurement, no refit) give
+        each query's top-`k` entries a stability and an interval (`confidence.attach`)."""
         self._require_fit()
         models.checkpoint.check_tokenizer_of(self.model, queries, "the queries")
         t0 = time.perf_counter()
         m = self.measure(queries, progress=progress)
         self.timings["measure"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        attr = self.recover(self.responses(m), queries.ids)
+        y = self.responses(m)
+        attr = self.recover(y, queries.ids)
         attr.fit_identity = self.fit_identity
         self.timings["recover"] = time.perf_counter() - t0
+        if confidence:
+            from stride_jax import confidence as confidence_lib  # it builds on this module's results
+
+            attr = confidence_lib.attach(self, attr, y, n_boot=confidence, k=min(k, attr.n_train))
         return attr
 
     def config_dict(self) -> dict[str, Any]:

@@ -137,12 +137,8 @@ def attribute(*, model: str, train: str, queries: str | None, out: str, preset: 
             qs, query_records = _generation_queries(net, tokenizer, prompt_rows, prompt_ids, generate, temperature,
                                                     top_p, seed, out_dir)
         stride = Stride(cfg).fit(net, pool, workdir=out_dir / "fit", progress=progress)
-        attr = stride.attribute(qs, progress=progress)
+        attr = stride.attribute(qs, progress=progress, confidence=confidence, k=top_k)  # one measurement
         if confidence:
-            from stride_jax import confidence as confidence_lib
-
-            y = stride.responses(stride.measure(qs, progress=progress))
-            attr = confidence_lib.attach(stride, attr, y, n_boot=confidence, k=min(top_k, attr.n_train))
             log.info("confidence: %d bootstrap draws in %.1f s", confidence, attr.confidence_info.get("seconds", 0.0))
         attr.save(out_dir)  # scores.npz + attribution.json (Attribution.load reads them back)
         lines = []
