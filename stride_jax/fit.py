@@ -301,6 +301,20 @@ def jl_sketch(design: Design, sketch_dim: int, seed: int) -> jax.Array:
     return jnp.concatenate([mr, jnp.ones((design.n_subsets, 1))], axis=1)
 
 
+def fit_settings(cfg: StrideConfig) -> dict[str, Any]:
+    """The settings a fit depends on: `cfg`'s design, steering and fit sections as dicts.
+
+    `design.auto_ratio` and `design.max_subsets` only choose K when `n_subsets` is "auto"; with K
+    given (or resolved) they change nothing in the fit and are left out, so that changing their
+    defaults does not orphan fits made with an explicit K.
+    """
+    config = {k: to_dict(getattr(cfg, k)) for k in ("design", "steering", "fit")}
+    if cfg.design.n_subsets != "auto":
+        config["design"].pop("auto_ratio", None)
+        config["design"].pop("max_subsets", None)
+    return config
+
+
 def fit_identity(model: nnx.Module, examples, design: Design, cfg: StrideConfig) -> dict[str, Any]:
     """What a fit depends on: the model's parameters, the pool's tokens and ids, the settings.
 
@@ -308,7 +322,7 @@ def fit_identity(model: nnx.Module, examples, design: Design, cfg: StrideConfig)
     `updates_per_operator` is left out, and `sparse_updates` appears only when true: fits made
     before these fields existed keep their identity, and a sparse fit never resumes a dense one.
     """
-    config = {k: to_dict(getattr(cfg, k)) for k in ("design", "steering", "fit")}
+    config = fit_settings(cfg)
     config["fit"].pop("updates_per_operator", None)
     if not cfg.fit.sparse_updates:
         config["fit"].pop("sparse_updates", None)
@@ -557,5 +571,5 @@ def fit_operators(model: nnx.Module, examples, design: Design, cfg: StrideConfig
     return Fitter(model, examples, design, cfg, workdir=workdir, progress=progress, mesh=mesh).run(progress=progress)
 
 
-__all__ = ["FitData", "FitState", "Fitter", "SparseAdamState", "batch_loss", "compute_features", "fit_identity",
+__all__ = ["FitData", "FitState", "Fitter", "SparseAdamState", "batch_loss", "compute_features", "fit_identity", "fit_settings",
            "fit_loss", "fit_operators", "fit_step", "init_opt_state", "jl_sketch", "ridge_residual", "sample_batch"]

@@ -233,6 +233,20 @@ def test_sparse_fit_resumes_exactly_and_is_its_own_identity(model, pool, tmp_pat
     assert "sparse_updates" not in ident["config"]["fit"] and "updates_per_operator" not in ident["config"]["fit"]
 
 
+def test_auto_k_settings_enter_a_fit_identity_only_when_k_is_auto(model, pool):
+    """design.auto_ratio / max_subsets choose K only for n_subsets="auto": with K given, changing
+    their defaults must not orphan a fit (the fit key and identity stay), with "auto" it must."""
+    from stride_jax.harness.sweep import fit_key
+    design = left_regular_design(N, 8, 2, 0)
+    given = StrideConfig().replace(design={"n_subsets": 8}, fit={"subsets_per_step": 4})
+    other = given.replace(design={"auto_ratio": 3.0, "max_subsets": 99})
+    assert fit_key(given) == fit_key(other)
+    assert fit_identity(model, pool, design, given) == fit_identity(model, pool, design, other)
+    auto = StrideConfig().replace(design={"n_subsets": "auto"})
+    assert fit_key(auto) != fit_key(auto.replace(design={"auto_ratio": 3.0}))
+    assert fit_key(given) != fit_key(given.replace(design={"per_example": 3}))  # control: a real change
+
+
 def test_sparse_fit_on_a_mesh_equals_one_device(model, pool):
     """K = 8 operators over the 4 forced host devices: per-operator moments and counts split like
     the operators; the result equals the single-device sparse fit up to float32 reassociation."""

@@ -17,7 +17,8 @@ from typing import Any
 
 from stride_jax import store
 from stride_jax.attribution import Attribution, Stride
-from stride_jax.config import StrideConfig, to_dict
+from stride_jax.config import StrideConfig
+from stride_jax.fit import fit_settings
 from stride_jax.measure import Measurement
 
 
@@ -32,7 +33,8 @@ class VariantResult:
 
 
 def fit_key(cfg: StrideConfig) -> str:
-    return store.fingerprint({k: to_dict(getattr(cfg, k)) for k in ("design", "steering", "fit")})[:12]
+    """The sweep folder of `cfg`'s fit: variants with the same fit settings share it."""
+    return store.fingerprint(fit_settings(cfg))[:12]
 
 
 def _fit_and_measure(prepared: Any, cfg: StrideConfig, fit_dir: Path,
