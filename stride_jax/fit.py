@@ -514,19 +514,34 @@ class Fitter:
                 f"{self.initial_loss:.4g}); lower fit.learning_rate (now {self.cfg.fit.learning_rate})")
         return m
 
-    def run(self, *, max_steps: int | None = None, progress: bool = True, log_every: int = 10) -> OperatorBank:
-        """Fit until `cfg.fit.steps` (or stop after `max_steps` more steps); return the bank."""
+    def _step_program(self) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """(compiled step function, its hyperparameters, its static arguments)."""
         fit_cfg = self.cfg.fit
-        end = fit_cfg.steps if max_steps is None else min(fit_cfg.steps, self._step + max_steps)
         hyper = {k: jnp.float32(v) for k, v in fit_cfg.hyper.items()}
         static = dict(model_graphdef=self.model_graphdef, op_graphdef=self.op_graphdef,
                       steer_cfg=self.cfg.steering, shape=fit_cfg.shape,
                       log_space=self.cfg.measure.space == "log", loss_floor=float(self.cfg.measure.loss_floor))
-        step_fn = _fit_step
-        if self.mesh is not None:
-            hyper = sharding.replicate(hyper, self.mesh)
-            static.update(mesh=self.mesh, axis=self.axis)
-            step_fn = _fit_step_sharded
+        if self.mesh is None:
+            return _fit_step, hyper, static
+        return _fit_step_sharded, sharding.replicate(hyper, self.mesh), {**static, "mesh": self.mesh, "axis": self.axis}
+
+    def step_flops(self) -> float | None:
+        """XLA's floating-point operation count of one fit step (the compiled program's
+        `cost_analysis`), or None where the backend reports none. With `fit.sparse_updates` it does
+        not depend on K: a fit's FLOPs are this times `cfg.fit.steps` (plus the one-off state cache)."""
+        step_fn, hyper, static = self._step_program()
+        cost = step_fn.lower(self.state, self.model_state, self.data, self.base_key, hyper, **static).compile()
+        cost = cost.cost_analysis()
+        if isinstance(cost, (list, tuple)):  # older jax: one dict per device program
+            cost = cost[0] if cost else None
+        flops = None if not cost else cost.get("flops")
+        return float(flops) if flops is not None and flops > 0 else None
+
+    def run(self, *, max_steps: int | None = None, progress: bool = True, log_every: int = 10) -> OperatorBank:
+        """Fit until `cfg.fit.steps` (or stop after `max_steps` more steps); return the bank."""
+        fit_cfg = self.cfg.fit
+        end = fit_cfg.steps if max_steps is None else min(fit_cfg.steps, self._step + max_steps)
+        step_fn, hyper, static = self._step_program()
         log_path = self.workdir / "metrics.jsonl" if self.workdir is not None else None
         bar = tqdm(total=fit_cfg.steps, initial=self._step, desc="fit operators", disable=not progress)
         t0 = time.perf_counter()

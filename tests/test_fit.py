@@ -247,6 +247,19 @@ def test_auto_k_settings_enter_a_fit_identity_only_when_k_is_auto(model, pool):
     assert fit_key(given) != fit_key(given.replace(design={"per_example": 3}))  # control: a real change
 
 
+def test_step_flops_follow_the_batch_not_k_with_sparse_updates(model, pool):
+    """XLA's count of one step: about proportional to subsets per step, flat in K when sparse."""
+    flops = lambda k, **fit: Fitter(model, pool, left_regular_design(N, k, 2, 0),
+                                    small_cfg(**fit).replace(design={"n_subsets": k})).step_flops()
+    base = flops(8, sparse_updates=True)
+    # the frozen head's forward on every sampled position (subsets x (fidelity + stability) examples
+    # x positions, 2 D V each) is the floor; forward + backward stay within a few times it
+    head = 2 * CFG.d_model * CFG.vocab_size * 4 * (3 + 3) * 4
+    assert base is not None and head <= base <= 6 * head
+    assert 1.6 < flops(8, sparse_updates=True, subsets_per_step=8) / base < 2.4
+    assert flops(16, sparse_updates=True) / base < 1.1
+
+
 def test_sparse_fit_on_a_mesh_equals_one_device(model, pool):
     """K = 8 operators over the 4 forced host devices: per-operator moments and counts split like
     the operators; the result equals the single-device sparse fit up to float32 reassociation."""
