@@ -76,6 +76,15 @@ class Stages:
         return out
 
 
+def cpu_name() -> str:
+    """The CPU's model name (lscpu), or platform.processor() where lscpu is missing."""
+    try:
+        return next(l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True)
+                    .stdout.splitlines() if l.startswith("Model name"))
+    except Exception:
+        return platform.processor()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="64 train + 4 queries at 96 tokens (smoke run)")
@@ -138,11 +147,7 @@ def main() -> None:
     ft_losses = st.run("finetune", finetune)
 
     dev = jax.devices()[0]
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True)
-                   .stdout.splitlines() if l.startswith("Model name"))
-    except Exception:
-        cpu = platform.processor()
+    cpu = cpu_name()
     fit_row = next(r for r in st.rows if r["stage"] == "fit")
     result = {
         "date": datetime.date.today().isoformat(),
