@@ -453,6 +453,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "fit": {"steps": 40, "subsets_per_step": 16, "fidelity_batch": 4, "stability_batch": 4,
                           "positions_per_example": 8, "checkpoint_every": 20},
                   "measure": {"operator_chunk": 8, "query_chunk": 4, "n_reference": 16}},
+    # A real pretrained LM where accuracy matters more than minutes (issue 23, sft_lds.md, group "K=n"):
+    # K = n subsets (d 4), each operator updated 25 times (sparse updates: a step's cost does not grow
+    # with K), the first-order measurement (one gradient per query), lr 1e-2, and the recovery with the
+    # features prior (validation LDS on alpaca 0.237 against Lasso 0.225, llm-quick 0.080); the
+    # llm-quick hook and batch shape. Its fit costs ~10x llm-quick's (benchmarks/results/llm_cost.md).
+    "llm": {"design": {"n_subsets": "auto", "auto_ratio": 1.0, "per_example": 4},
+            "steering": {"depth_fraction": 0.6, "rank": 1},
+            "fit": {"learning_rate": 0.01, "updates_per_operator": 25, "sparse_updates": True,
+                    "subsets_per_step": 16, "fidelity_batch": 4, "stability_batch": 4, "positions_per_example": 8,
+                    "checkpoint_every": 50},
+            "measure": {"mode": "first_order", "operator_chunk": 8, "query_chunk": 4, "n_reference": 16},
+            "recovery": {"solver": "ridge", "prior": "features"}},
 }
 
 # model_type -> (preset, why): what `choose_preset` picks for a model of that kind

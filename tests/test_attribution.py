@@ -193,6 +193,12 @@ def test_presets_are_named_and_validated():
     assert StrideConfig.preset("quick", fit={"steps": 3}).fit.steps == 3
     with pytest.raises(ValueError, match="unknown preset"):
         StrideConfig.preset("huge")
+    # llm: K = n and 25 updates per operator whatever n (issue 23), first-order measurement
+    llm = StrideConfig.preset("llm")
+    for n in (256, 968):
+        k = llm.resolve_subsets(n).design.n_subsets
+        assert k == n and llm.fit.resolve_steps(k) * llm.fit.subsets_per_step >= 25 * k
+    assert llm.measure.mode == "first_order" and llm.fit.sparse_updates
 
 
 # --- issue 22: K from the pool (design.n_subsets="auto"), the knee warning, the prior through with_config
