@@ -627,6 +627,20 @@ def test_choose_preset_follows_the_model():
         Stride()
 
 
+def test_a_given_preset_with_auto_k_resolves_to_the_pool():
+    """--preset llm / lm-auto (design.n_subsets "auto") through the CLI's config resolution: K from
+    the pool, checked as a number (it crashed comparing "auto" with n d)."""
+    from stride_jax.harness.attribute import resolve_config
+
+    llama = models.LlamaConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=8, max_len=8)
+    cfg, name, why = resolve_config(llama, 24, "llm")
+    assert (name, why, cfg.design.n_subsets) == ("llm", "given by --preset", 24)
+    assert cfg.fit.resolve_steps(24) * cfg.fit.subsets_per_step >= 25 * 24
+    assert resolve_config(TINY_GPT, 300, "lm-auto")[0].design.n_subsets == 600
+    with pytest.raises(ValueError, match="n_subsets"):  # a fixed K too large still names the fix
+        resolve_config(TINY_GPT, 10, "lm")
+
+
 def test_saved_model_keeps_its_tokenizer(tmp_path):
     pre = convert.load_gguf(write_gguf(tmp_path / "tiny.gguf", HP(), make_weights(HP())))
     models.save_model(pre.model, tmp_path / "ck")  # the tokenizer attached by the loader is saved with it

@@ -77,6 +77,7 @@ def resolve_config(model_cfg: Any, n_train: int, preset: str | None,
         cfg, why, what = StrideConfig.preset(preset), "given by --preset", f"--preset {preset}"
     if overrides:
         cfg, what = cfg.replace(**overrides), what + " with --config"
+    cfg = cfg.resolve_subsets(n_train)  # design.n_subsets "auto" (presets lm-auto, llm) -> K for this pool
     check_design_fits(cfg, n_train, what)
     return cfg, preset, why
 
