@@ -116,7 +116,7 @@ def attribute(*, model: str, train: str, queries: str | None, out: str, preset: 
         raise ValueError("--confidence resamples the Lasso's operators: it needs recovery.solver 'working_set' or "
                          "'fista', not 'ridge'")
     log.info("preset %s (%s): K=%d subsets, d=%d, %d fit steps", preset, why, cfg.design.n_subsets,
-             cfg.design.per_example, cfg.fit.steps)
+             cfg.design.per_example, cfg.fit.resolve_steps(cfg.design.n_subsets))
     context = models.context_length(info.cfg)
     pool = data.examples_from_records(train_records, info.tokenizer, seq_len, context=context, what=f"--train {train}")
     qs = data.examples_from_records(query_records, info.tokenizer, seq_len, context=context,
