@@ -22,7 +22,6 @@ import json
 import pathlib
 import platform
 import sys
-import time
 
 import jax
 import numpy as np
@@ -64,13 +63,12 @@ def main() -> None:
         d = cfg.design
         design = left_regular_design(n, d.n_subsets, d.per_example, d.seed)
         fitter = st.run(f"setup n={n}", Fitter, net, pool, design, cfg, progress=False)
+        setup_s = st.rows[-1]["seconds"]
         st.run(f"first step n={n}", fitter.run, max_steps=1, progress=False)
-        t0 = time.perf_counter()
         st.run(f"{args.steps} steps n={n}", fitter.run, max_steps=args.steps, progress=False)
-        per_step = (time.perf_counter() - t0) / args.steps
+        per_step = st.rows[-1]["seconds"] / args.steps
         flops = st.run(f"step FLOPs n={n}", fitter.step_flops)
         steps = fitter.cfg.fit.steps
-        setup_s = next(r["seconds"] for r in st.rows if r["stage"] == f"setup n={n}")
         fit_flops = None if flops is None else flops * steps
         rows.append({"n": n, "K": d.n_subsets, "steps": steps, "setup_seconds": setup_s,
                      "seconds_per_step": round(per_step, 3), "fit_seconds_extrapolated": round(setup_s + steps * per_step, 1),

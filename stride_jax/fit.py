@@ -530,8 +530,8 @@ class Fitter:
         `cost_analysis`), or None where the backend reports none. With `fit.sparse_updates` it does
         not depend on K: a fit's FLOPs are this times `cfg.fit.steps` (plus the one-off state cache)."""
         step_fn, hyper, static = self._step_program()
-        cost = step_fn.lower(self.state, self.model_state, self.data, self.base_key, hyper, **static).compile()
-        cost = cost.cost_analysis()
+        compiled = step_fn.lower(self.state, self.model_state, self.data, self.base_key, hyper, **static).compile()
+        cost = compiled.cost_analysis()
         if isinstance(cost, (list, tuple)):  # older jax: one dict per device program
             cost = cost[0] if cost else None
         flops = None if not cost else cost.get("flops")

@@ -67,7 +67,8 @@ def resolve_config(model_cfg: Any, n_train: int, preset: str | None,
                    overrides: dict[str, Any] | None = None) -> tuple[StrideConfig, str, str]:
     """(StrideConfig, preset name, why) for a model of config `model_cfg` and `n_train` examples:
     the given preset, or the one `choose_preset` picks with K fitted to the pool (`pool_preset`);
-    `overrides` on top. K too large for the pool is a ValueError that names the fix."""
+    `overrides` on top; K resolved for the pool (`resolve_subsets`). K too large for the pool is a
+    ValueError that names the fix."""
     overrides = overrides or {}
     if preset is None:
         preset, why = choose_preset(model_cfg, n_train)
@@ -111,7 +112,6 @@ def attribute(*, model: str, train: str, queries: str | None, out: str, preset: 
         raise ValueError(NO_TOKENIZER.format(path=model))
     check_tokenizer_vocab(info.tokenizer, info.cfg.vocab_size, str(model))
     cfg, preset, why = resolve_config(info.cfg, len(train_records), preset, overrides)
-    cfg = cfg.resolve_subsets(len(train_records))
     if confidence and cfg.recovery.solver == "ridge":
         raise ValueError("--confidence resamples the Lasso's operators: it needs recovery.solver 'working_set' or "
                          "'fista', not 'ridge'")
