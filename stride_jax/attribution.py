@@ -27,7 +27,7 @@ from stride_jax import models, prior, recovery, store
 from stride_jax.config import StrideConfig, check_sizes, to_dict
 from stride_jax.design import Design, left_regular_design
 from stride_jax.fit import Fitter, fit_identity
-from stride_jax.measure import Measurement, Reference, measure, responses
+from stride_jax.measure import Measurement, Reference, average, measure, responses
 from stride_jax.scores import SIGN, Attribution, SparseScores  # noqa: F401 (re-exported)
 
 log = logging.getLogger("stride_jax")
@@ -97,6 +97,7 @@ class Stride:
         self.fit_identity: str | None = None  # digest of what the fit depends on (fit.fit_identity)
         self.recovery_info: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
+        self.members: list[Stride] = []  # the single fits of a fit.ensemble (their responses averaged)
         self._pool: Any = None
         self._workdir: str | Path | None = None
 
@@ -112,6 +113,11 @@ class Stride:
         self.cfg = self.cfg.resolve_subsets(len(train))
         _check_pool(model, train, self.cfg)
         _warn_below_knee(self.cfg.design.n_subsets, len(train))
+        if self.cfg.fit.ensemble > 1:  # member 0 in the workdir itself: the single fit of these settings
+            members = [Stride(c, mesh=self.mesh).fit(model, train, progress=progress, workdir=None if workdir is None
+                                                     else Path(workdir) / f"member{i}" if i else workdir)
+                       for i, c in enumerate(self.cfg.ensemble_members())]
+            return Stride.from_members(self.cfg, members)
         self._pool, self._workdir = train, workdir
         with store.Lock(workdir) if workdir is not None else contextlib.nullcontext():
             d = self.cfg.design
@@ -129,6 +135,28 @@ class Stride:
             self.fit_identity = store.fingerprint(fit_identity(model, train, self.design, self.cfg))
             if self.cfg.recovery.prior == "features":  # the recovery's prior: the pool's own features, once
                 self._prior_features(progress)
+        return self
+
+    @classmethod
+    def from_members(cls, cfg: StrideConfig, members: list[Stride]) -> Stride:
+        """The `fit.ensemble` of fitted `members` (`cfg.ensemble_members()`, the same design): it
+        measures every member and averages their losses (`measure.average`), so its responses are
+        the mean of the members' and recovery runs once on them."""
+        first = members[0]
+        if len(members) != cfg.fit.ensemble or any(
+                not np.array_equal(m.design.ids_NxS, first.design.ids_NxS) for m in members[1:]):
+            raise ValueError(f"an ensemble of fit.ensemble={cfg.fit.ensemble} needs that many fits of one design, "
+                             f"got {len(members)}")
+        self = cls(first.cfg.replace(fit={"ensemble": cfg.fit.ensemble, "seed": cfg.fit.seed}), mesh=first.mesh)
+        for name in ("model", "design", "bank", "train_ids", "prior_features", "_pool", "_workdir"):
+            setattr(self, name, getattr(first, name))
+        self.members = list(members)
+        self.reference = Reference(average([m.reference.measurement for m in members], self.cfg.measure),
+                                   first.reference.member_PxK)
+        self.fit_identity = store.fingerprint([m.fit_identity for m in members])
+        for m in members:
+            for stage, seconds in m.timings.items():
+                self.timings[stage] = self.timings.get(stage, 0.0) + seconds
         return self
 
     def _prior_features(self, progress: bool = False) -> np.ndarray:
@@ -175,6 +203,8 @@ class Stride:
             if a != b:
                 raise ValueError(f"with_config can change only measure and recovery settings; {section} "
                                  f"differs ({a} vs {b}): fit a new Stride")
+        if self.members:
+            return Stride.from_members(cfg, [m.with_config(c) for m, c in zip(self.members, cfg.ensemble_members())])
         other = Stride(dataclasses.replace(cfg, steering=self.cfg.steering), mesh=self.mesh)
         for name in ("model", "design", "bank", "train_ids", "reference", "fit_identity", "_pool", "_workdir"):
             setattr(other, name, getattr(self, name))
@@ -196,6 +226,8 @@ class Stride:
     def measure(self, queries: Any, *, progress: bool = True) -> Measurement:
         """Base and steered losses of every query (raw, before centring)."""
         self._require_fit()
+        if self.members:
+            return average([m.measure(queries, progress=progress) for m in self.members], self.cfg.measure)
         return measure(self.model, self.bank, queries, self.cfg.steering, self.cfg.measure, progress=progress,
                        mesh=self.mesh)
 

@@ -132,6 +132,11 @@ class FitConfig:
     updates_per_operator: when set, the fit runs ceil(updates_per_operator * K / subsets_per_step)
       steps (`resolve_steps`) and `steps` is ignored (with a warning when it was changed from its
       default and disagrees); the fitter records the resolved number in its config's `steps`.
+    ensemble: fit this many independent operator banks on the same subsets (fit seeds seed,
+      seed + 1, ...) and average their responses before recovery (`measure.average`). Fit noise
+      is a large part of STRIDE's error where K ~ n (issue 22: two seeds' ridge solutions
+      correlate 0.53 at n = 3,072); each member costs one fit and one measurement. Member i is
+      an ordinary fit (ensemble 1, seed + i), so member 0 is the single fit of the same settings.
     """
 
     steps: int = 300
@@ -150,13 +155,14 @@ class FitConfig:
     cache_dtype: Literal["float32", "bfloat16"] = "float32"  # cached hook-layer / final states
     sparse_updates: bool = False  # update only the step's operators and their Adam state (lazy Adam)
     updates_per_operator: int | None = None  # steps = ceil(this * K / subsets_per_step); overrides steps
+    ensemble: int = 1  # independent fits (seeds seed .. seed + ensemble - 1) whose responses are averaged
 
     def __post_init__(self) -> None:
         if not isinstance(self.sparse_updates, bool):
             raise ValueError(f"fit.sparse_updates must be true or false, got {self.sparse_updates!r}")
         if self.updates_per_operator is not None:
             _check_positive_int("fit", updates_per_operator=self.updates_per_operator)
-        _check_positive_int("fit", steps=self.steps, subsets_per_step=self.subsets_per_step,
+        _check_positive_int("fit", steps=self.steps, subsets_per_step=self.subsets_per_step, ensemble=self.ensemble,
                             fidelity_batch=self.fidelity_batch, stability_batch=self.stability_batch,
                             probe_batch=self.probe_batch, sketch_dim=self.sketch_dim,
                             checkpoint_every=self.checkpoint_every)
@@ -374,6 +380,12 @@ class StrideConfig:
         k = max(d.per_example, min(k, n_train * d.per_example, d.max_subsets))
         fit = {"subsets_per_step": min(self.fit.subsets_per_step, k)}
         return self.replace(design={"n_subsets": k}, fit=fit)
+
+    def ensemble_members(self) -> list[StrideConfig]:
+        """The single fits of a `fit.ensemble` (member i: ensemble 1, fit seed + i); [self] without one."""
+        if self.fit.ensemble == 1:
+            return [self]
+        return [self.replace(fit={"ensemble": 1, "seed": self.fit.seed + i}) for i in range(self.fit.ensemble)]
 
     @classmethod
     def preset(cls, name: str, **sections: dict[str, Any]) -> StrideConfig:

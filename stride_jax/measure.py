@@ -255,6 +255,24 @@ def raw_responses(m: Measurement, cfg: MeasureConfig = MeasureConfig()) -> np.nd
     return base - steered
 
 
+def average(ms: Sequence[Measurement], cfg: MeasureConfig = MeasureConfig()) -> Measurement:
+    """One measurement whose raw responses are the mean of `ms`'s (fits of the same subsets, the
+    same queries): steered losses averaged in `cfg.space` (geometric mean of the floored losses
+    for "log", arithmetic for "diff"), so `raw_responses` and every centring, being linear in
+    them, give the mean of the members' responses."""
+    base = np.asarray(ms[0].base_loss_Q)
+    for m in ms[1:]:
+        if m.steered_loss_QxK.shape != ms[0].steered_loss_QxK.shape or not np.allclose(m.base_loss_Q, base,
+                                                                                       rtol=1e-4, atol=1e-6):
+            raise ValueError("measurements to average must come from the same model and queries")
+    steered = np.stack([np.asarray(m.steered_loss_QxK, np.float64) for m in ms])
+    if cfg.space == "log":
+        steered = np.exp(np.log(np.maximum(steered, float(cfg.loss_floor))).mean(axis=0))
+    else:
+        steered = steered.mean(axis=0)
+    return Measurement(base, steered)
+
+
 class Reference(NamedTuple):
     """Each operator's effect on a fixed sample of pool examples, and which of them it holds."""
 

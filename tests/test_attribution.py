@@ -277,3 +277,47 @@ def test_with_config_accepts_the_unresolved_config_of_its_own_fit(planted):
     assert ridge.cfg.design.n_subsets == 2 * len(pool)
     with pytest.raises(ValueError, match="fit differs"):
         stride.with_config(cfg.replace(fit={"updates_per_operator": 3}))
+
+
+def test_fit_ensemble_averages_the_responses_of_its_member_fits(planted, tmp_path):
+    """fit.ensemble = 2: two fits of the same subsets (fit seeds 0 and 1; member 0 in the workdir,
+    where the single fit of the same settings resumes it), whose responses are averaged before
+    recovery: the ensemble's y is exactly the mean of the members' centred y, and it still finds
+    the planted examples."""
+    model, pool, queries, _ = planted
+    cfg = PLANTED_CFG.replace(fit={"ensemble": 2})
+    ens = Stride(cfg).fit(model, pool, workdir=tmp_path / "fit", progress=False)
+    assert len(ens.members) == 2 and ens.cfg.fit.ensemble == 2
+    assert [m.cfg.fit.seed for m in ens.members] == [0, 1]
+    single = [Stride(PLANTED_CFG.replace(fit={"seed": s})).fit(model, pool, workdir=tmp_path / d, progress=False)
+              for s, d in ((0, "fit"), (1, "fit/member1"))]  # resumed from the ensemble's members
+    y_each = [s.responses(s.measure(queries, progress=False)) for s in single]
+    assert not np.allclose(y_each[0], y_each[1], atol=1e-3)  # the seeds differ
+    y = ens.responses(ens.measure(queries, progress=False))
+    np.testing.assert_allclose(y, (y_each[0] + y_each[1]) / 2, rtol=1e-4, atol=1e-5)
+    attr = ens.attribute(queries, progress=False)
+    assert {i for i, _ in attr.top_k(0, k=4)} == set(PLANTED)
+    ridge = ens.with_config(cfg.replace(recovery={"solver": "ridge"}))  # shares both fits
+    assert ridge.members and ridge.attribute(queries, progress=False).n_not_converged == 0
+    with pytest.raises(ValueError, match="ensemble must be an integer"):
+        StrideConfig().replace(fit={"ensemble": 0})
+
+
+def test_sweep_ensemble_variant_shares_member_fits_with_single_fit_variants(planted, tmp_path):
+    """In a sweep, an ensemble variant's member 0 is the single-fit variant's fit (no refit: two
+    fit folders for the three variants), and its scores are the facade ensemble's."""
+    import types
+
+    from stride_jax.harness.sweep import run_variants
+
+    model, pool, queries, _ = planted
+    prepared = types.SimpleNamespace(model=model, train=pool, queries=queries)
+    two = PLANTED_CFG.replace(fit={"ensemble": 2})
+    out = run_variants(prepared, {"one": PLANTED_CFG, "two": two, "two ridge": two.replace(recovery={"solver": "ridge"})},
+                       tmp_path / "sweep")
+    assert len([p for p in (tmp_path / "sweep").iterdir() if p.is_dir()]) == 2
+    assert all(r.error is None for r in out.values()) and out["two"].cfg.fit.ensemble == 2
+    assert out["two"].seconds["fit"] > out["one"].seconds["fit"]  # both members' fits counted
+    facade = Stride(two).fit(model, pool, progress=False).attribute(queries, progress=False)
+    np.testing.assert_allclose(out["two"].attr.dense(), facade.dense(), rtol=1e-3, atol=1e-5)
+    assert not np.allclose(out["two"].attr.dense(), out["one"].attr.dense(), atol=1e-4)

@@ -19,7 +19,7 @@ from stride_jax import store
 from stride_jax.attribution import Attribution, Stride
 from stride_jax.config import StrideConfig
 from stride_jax.fit import fit_settings
-from stride_jax.measure import Measurement
+from stride_jax.measure import Measurement, average
 
 
 @dataclasses.dataclass
@@ -80,32 +80,56 @@ def _measurement(prepared: Any, stride: Stride, fit_dir: Path, progress: bool) -
     return m, seconds
 
 
-def run_variants(prepared: Any, configs: dict[str, StrideConfig | str], workdir: Path, *,
-                 progress: bool = False) -> dict[str, VariantResult]:
-    """Scores of every variant on all of `prepared`'s queries (a config, or the reason it is invalid)."""
-    fits: dict[str, tuple[Stride, Measurement, dict] | str] = {}
-    out: dict[str, VariantResult] = {}
-    for name, cfg in configs.items():
-        if isinstance(cfg, str):
-            out[name] = VariantResult(name, None, None, {}, error=f"skipped: {cfg}")
-            continue
-        key = fit_key(cfg)
+def _member_fits(prepared: Any, cfg: StrideConfig, workdir: Path, fits: dict[str, Any],
+                 progress: bool) -> list[tuple[StrideConfig, Path, tuple[Stride, Measurement, dict, dict]]] | str:
+    """(member config, its folder, its fit) for each single fit of `cfg` (one, or `fit.ensemble`
+    of them), each shared through `fits` with every variant of the same fit settings; or the
+    reason one failed."""
+    out = []
+    for member in cfg.ensemble_members():
+        key = fit_key(member)
         if key not in fits:
             try:
-                fits[key] = _fit_and_measure(prepared, cfg, workdir / key, progress)
+                fits[key] = _fit_and_measure(prepared, member, workdir / key, progress)
             except store.IdentityError:
                 raise
             except (FloatingPointError, ValueError) as e:
                 fits[key] = f"{type(e).__name__}: {e}"
         if isinstance(fits[key], str):
-            out[name] = VariantResult(name, cfg, None, {}, error=fits[key])
+            return fits[key]
+        out.append((member, workdir / key, fits[key]))
+    return out
+
+
+def run_variants(prepared: Any, configs: dict[str, StrideConfig | str], workdir: Path, *,
+                 progress: bool = False) -> dict[str, VariantResult]:
+    """Scores of every variant on all of `prepared`'s queries (a config, or the reason it is invalid).
+    A variant with `fit.ensemble` > 1 measures each member fit (shared with the single-fit
+    variants of its seed) and recovers once from their averaged responses."""
+    fits: dict[str, tuple[Stride, Measurement, dict, dict] | str] = {}
+    out: dict[str, VariantResult] = {}
+    for name, cfg in configs.items():
+        if isinstance(cfg, str):
+            out[name] = VariantResult(name, None, None, {}, error=f"skipped: {cfg}")
             continue
-        stride, m, seconds, memory = fits[key]
-        variant = stride.with_config(cfg)
-        seconds = dict(seconds)
-        if getattr(cfg.measure, "mode", "exact") != getattr(stride.cfg.measure, "mode", "exact"):
-            m, measure_seconds = _measurement(prepared, variant, workdir / key, progress)  # same operators
-            seconds["measure"] = measure_seconds
+        members = _member_fits(prepared, cfg, workdir, fits, progress)
+        if isinstance(members, str):
+            out[name] = VariantResult(name, cfg, None, {}, error=members)
+            continue
+        strides, ms, seconds, memory = [], [], {}, {}
+        for member_cfg, fit_dir, (stride, m, member_seconds, member_memory) in members:
+            if member_memory.get("peak_memory_bytes", 0) >= memory.get("peak_memory_bytes", 0):
+                memory = member_memory
+            variant = stride.with_config(member_cfg)
+            member_seconds = dict(member_seconds)
+            if getattr(cfg.measure, "mode", "exact") != getattr(stride.cfg.measure, "mode", "exact"):
+                m, member_seconds["measure"] = _measurement(prepared, variant, fit_dir, progress)  # same operators
+            strides.append(variant)
+            ms.append(m)
+            for stage, s in member_seconds.items():  # an ensemble's stages take its members' seconds together
+                seconds[stage] = None if s is None or seconds.get(stage, 0) is None else seconds.get(stage, 0) + s
+        variant = strides[0] if len(strides) == 1 else Stride.from_members(cfg, strides)
+        m = ms[0] if len(ms) == 1 else average(ms, cfg.measure)
         t0 = time.perf_counter()
         attr = variant.recover(variant.responses(m), prepared.queries.ids)
         out[name] = VariantResult(name, variant.cfg, attr, {**seconds, "recover": round(time.perf_counter() - t0, 3)},
