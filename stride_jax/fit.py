@@ -306,9 +306,12 @@ def fit_settings(cfg: StrideConfig) -> dict[str, Any]:
 
     `design.auto_ratio` and `design.max_subsets` only choose K when `n_subsets` is "auto"; with K
     given (or resolved) they change nothing in the fit and are left out, so that changing their
-    defaults does not orphan fits made with an explicit K.
+    defaults does not orphan fits made with an explicit K. `fit.ensemble` appears only above 1:
+    a single fit (every member of an ensemble) keeps the identity it had before the field existed.
     """
     config = {k: to_dict(getattr(cfg, k)) for k in ("design", "steering", "fit")}
+    if cfg.fit.ensemble == 1:
+        config["fit"].pop("ensemble", None)
     if cfg.design.n_subsets != "auto":
         config["design"].pop("auto_ratio", None)
         config["design"].pop("max_subsets", None)

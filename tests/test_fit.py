@@ -247,6 +247,16 @@ def test_auto_k_settings_enter_a_fit_identity_only_when_k_is_auto(model, pool):
     assert fit_key(given) != fit_key(given.replace(design={"per_example": 3}))  # control: a real change
 
 
+def test_fields_with_default_values_keep_existing_fit_keys():
+    """A field added to the design / steering / fit sections must stay out of a fit's key at its
+    default, or every store made before it is refitted (fit.ensemble once did this): the key of a
+    fixed config is pinned. Change the pin only with a format change that means to orphan fits."""
+    from stride_jax.harness.sweep import fit_key
+    given = StrideConfig().replace(design={"n_subsets": 8}, fit={"subsets_per_step": 4})
+    assert fit_key(given) == "0c7d2b42f018"
+    assert fit_key(given.replace(fit={"ensemble": 2})) != fit_key(given)  # an ensemble is another fit
+
+
 def test_step_flops_follow_the_batch_not_k_with_sparse_updates(model, pool):
     """XLA's count of one step: about proportional to subsets per step, flat in K when sparse."""
     flops = lambda k, **fit: Fitter(model, pool, left_regular_design(N, k, 2, 0),
