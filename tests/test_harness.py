@@ -166,6 +166,7 @@ def test_second_process_on_the_same_out_dir_is_refused(tmp_path):
     (lambda c: c["task"].update(kind="vision"), "task.kind"),
     (lambda c: c.update(methods=[{"name": "x", "method": "stride", "cells": ["nope"]}]), "unknown cells"),
     (lambda c: c["variants"].update(bad={"fit": {"learning_rate": -1}}), "variant 'bad'"),
+    (lambda c: c.update(cells=[{"name": "a", "groups": {"K=n": None}}]), r"unknown select groups \['K=n'\]"),
 ])
 def test_bad_configs_fail_before_any_work(tmp_path, capsys, mutate, match):
     cfg = json.loads(json.dumps(TINY))
@@ -354,3 +355,20 @@ def test_a_conflicting_results_file_stops_a_cells_run_before_any_work(tmp_path, 
     monkeypatch.setattr(experiment.tasks_lib, "prepare", lambda *a, **k: pytest.fail("prepared before the check"))
     with pytest.raises(ValueError, match="another version"):
         experiment.run(cfg, tmp_path / "out", tmp_path, progress=False, full=whole)
+
+
+def test_a_cell_can_leave_a_select_group_out(tmp_path):
+    """cells[].groups[g] = null: that cell runs no variant of group g (no `stride-g` row), the
+    other cells do; the group's own settings reach the cells that keep it."""
+    cfg = json.loads(json.dumps(TINY))
+    cfg.update(methods=["random"], variants={"base": {}},
+               select={"n_boot": 20, "groups": {"": {}, "small": {"design": {"n_subsets": 12}}}},
+               cells=[{"name": "a"}, {"name": "b", "groups": {"small": None}}])
+    path = tmp_path / "groups.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "out" / "tiny.json").read_text())
+    assert sorted((r["cell"], r["method"]) for r in report["rows"] if r["method"] != "random") == [
+        ("a", "stride"), ("a", "stride-small"), ("b", "stride")]
+    small = [v for v in report["variants"] if v["group"] == "small"]
+    assert [v["cell"] for v in small] == ["a"]

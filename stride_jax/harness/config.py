@@ -257,7 +257,7 @@ class Cell:
     name: str
     task: dict[str, Any] = dataclasses.field(default_factory=dict)
     stride: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of the base STRIDE config
-    groups: dict[str, Any] = dataclasses.field(default_factory=dict)  # per select group, more overrides
+    groups: dict[str, Any] = dataclasses.field(default_factory=dict)  # per select group, more overrides (None: skip it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -482,6 +482,14 @@ class ExperimentConfig:
             for group in self.select.groups:
                 if group:
                     _check_plain_name("select.groups key", group, nested=True)
+        for c in self.cells:
+            unknown = sorted(set(c.groups) - set(self.select.groups if self.select is not None else {"": {}}))
+            if unknown:
+                raise ValueError(f"cells[{c.name!r}].groups names unknown select groups {unknown}")
+            for group, override in c.groups.items():
+                if override is not None and not isinstance(override, dict):
+                    raise TypeError(f"cells[{c.name!r}].groups[{group!r}] must map sections to overrides, or be "
+                                    f"null to leave the group out of this cell; got {override!r}")
         if self.show_examples < 0:
             raise ValueError(f"show_examples (queries whose top examples the report prints) must be >= 0, "
                              f"got {self.show_examples}")

@@ -72,6 +72,8 @@ def _variants(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, run_dir: 
         names = (cfg.select.only.get(group) if cfg.select is not None else None) or list(variants)
         cell_cfg = next((c for c in cfg.cells if c.name == cell), None)
         if cell_cfg is not None and group in cell_cfg.groups:
+            if cell_cfg.groups[group] is None:  # this cell leaves the group out (compute)
+                continue
             override = merge(override, cell_cfg.groups[group])
         configs = sweep.variant_configs(cfg.stride_for(cell), {n: variants[n] for n in names}, override,
                                         n_train=len(p.train))
