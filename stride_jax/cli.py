@@ -186,9 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
                    ".txt (one per line), .parquet, or a Hugging Face dataset folder (save_to_disk)")
     a.add_argument("--queries", help="query examples, same formats (or --prompts with --generate)")
     a.add_argument("--out", required=True, help="output directory (resumes after a kill)")
-    a.add_argument("--preset", default=None, help="StrideConfig preset (lm, llm-quick, classifier, quick); default: "
-                   "chosen from the model and logged: lm for a stride_jax GPT, llm-quick for a pretrained LM "
-                   "(GGUF / HF), with K lowered to at most the number of training examples")
+    from stride_jax.config import PRESETS
+
+    a.add_argument("--preset", default=None, help=f"StrideConfig preset ({', '.join(sorted(PRESETS))}); default: "
+                   "chosen from the model and logged: lm for a stride_jax GPT (lm-auto above 1,024 examples), "
+                   "llm-quick for a pretrained LM (GGUF / HF), with K lowered to at most the number of "
+                   "training examples; llm: K = n and 25 updates per operator, slower and more accurate")
     a.add_argument("--text-column", default="text", help="field of a whole-text example (default: text)")
     a.add_argument("--prompt-column", default="prompt", help="field of a prompt (default: prompt)")
     a.add_argument("--response-column", default="response", help="field of a response; only its tokens count "
