@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from stride_jax import models, prior, recovery, store
-from stride_jax.config import StrideConfig, check_sizes, to_dict
+from stride_jax.config import RecoveryConfig, StrideConfig, check_sizes, to_dict
 from stride_jax.design import Design, left_regular_design
 from stride_jax.fit import Fitter, fit_identity
 from stride_jax.measure import Measurement, Reference, average, measure, responses
@@ -66,6 +66,62 @@ def _warn_below_knee(n_subsets: int, n_train: int) -> None:
     log.warning("design.n_subsets K=%d is %.2f of the pool's n=%d, below the knee K/n = %.2g measured in "
                 "experiments/results/nk_law.md: scores will be much less accurate than at K near n "
                 "(design.n_subsets='auto' picks K = 2n)", n_subsets, n_subsets / n_train, n_train, KNEE_RATIO)
+
+
+def recover(y_QxK: np.ndarray, design: Design, rc: RecoveryConfig, *, train_ids: np.ndarray,
+            query_ids: np.ndarray | None = None,
+            prior_features: np.ndarray | None = None) -> tuple[Attribution, dict[str, Any]]:
+    """(scores, what the solver chose) from responses y [Q, K] of the subsets of `design` by
+    `rc` (a `RecoveryConfig`): the Lasso (lambda = lambda_frac x lambda_max, or chosen by held-out
+    operators for "auto"), or ridge with the features prior (`prior_features` [N, P]; `lambdas`
+    then holds gamma, and the cross-validation table of (a, g) goes to the returned dict).
+    Needs no fit: responses from anywhere (a fit, another tool, a synthetic y = M w) recover alike.
+    """
+    if rc.solver == "ridge":
+        phi = prior_features if rc.prior == "features" else None
+        strengths = rc.prior_strengths if rc.prior_strength == "auto" else (rc.prior_strength,)
+        strengths = (0.0,) if phi is None else strengths
+        gammas = rc.ridge_gammas if rc.ridge_gamma == "auto" else (rc.ridge_gamma,)
+        a, g, table = strengths[0], gammas[0], []
+        if len(strengths) * len(gammas) > 1:
+            a, g, table = prior.select_prior(y_QxK, design, phi, strengths, gammas, rc.ridge)
+        res = prior.ridge_prior_solve(y_QxK, design, phi, a, g, rc.ridge)
+        info = {"solver": "ridge", "prior": rc.prior, "a": res.a, "g": res.g, "gamma": res.gamma,
+                "prior_dim": 0 if phi is None else int(phi.shape[1]), "folds": rc.ridge.folds, "cv": table}
+        lambdas = np.full(np.shape(y_QxK)[0], res.gamma)
+        rule = f"a relative residual <= recovery.ridge.tol={rc.ridge.tol} within {rc.ridge.refine} rounds"
+    else:
+        lam_max = np.asarray(recovery.lambda_max(y_QxK, design))
+        frac = rc.lambda_frac
+        fista_cfg = dataclasses.replace(rc.fista, nonneg=rc.nonneg)
+        if frac == "auto":
+            frac, _ = recovery.select_lambda(y_QxK, design, fractions=rc.auto_fractions, cfg=fista_cfg)
+        lambdas = float(frac) * lam_max
+        info = {"solver": rc.solver, "lambda_frac": float(frac)}
+        if rc.solver == "working_set":
+            res = recovery.solve_lasso(y_QxK, design, lambdas,
+                                       dataclasses.replace(rc.lasso, nonneg=rc.nonneg), sparse=rc.sparse)
+            rule = f"a relative duality gap <= recovery.lasso.tol={rc.lasso.tol} within {rc.lasso.max_outer} rounds"
+        else:
+            res = recovery.fista_lasso(y_QxK, design, lambdas, fista_cfg)
+            rule = f"recovery.fista.max_iter={rc.fista.max_iter} iterations"
+    q = y_QxK.shape[0]
+    coef = res.coef if isinstance(res.coef, recovery.SparseScores) else np.asarray(res.coef, np.float32)
+    attr = Attribution(
+        scores=coef, train_ids=train_ids,
+        query_ids=np.arange(q) if query_ids is None else np.asarray(query_ids),
+        lambdas=np.asarray(lambdas, dtype=np.float32).reshape(q), n_iter=np.asarray(res.n_iter).reshape(q),
+        converged=np.asarray(res.converged).reshape(q), gap=np.asarray(res.gap, np.float32).reshape(q),
+    )
+    if attr.n_not_converged:
+        worst = float(np.max(attr.gap[~attr.converged]))
+        kind, gap_name = ("Ridge", "residual") if rc.solver == "ridge" else ("Lasso", "duality gap")
+        msg = (f"{kind} recovery did not converge ({rule}) for {attr.n_not_converged} of {q} queries "
+               f"(largest relative {gap_name} {worst:.2e}); their scores are approximate")
+        if rc.strict:
+            raise RuntimeError(msg)
+        log.warning(msg)
+    return attr, info
 
 
 class Stride:
@@ -236,56 +292,13 @@ class Stride:
         return responses(m, self.cfg.measure, reference=self.reference)
 
     def recover(self, y_QxK: np.ndarray, query_ids: np.ndarray | None = None) -> Attribution:
-        """Per-example scores from responses y [Q, K] by `recovery.solver`: the Lasso, or ridge with
-        the features prior (`lambdas` then holds gamma; the cross-validation table of (a, g) goes to
-        `self.recovery_info`)."""
+        """Per-example scores from responses y [Q, K] by `recovery.solver` (`recover`); the ridge
+        solver's cross-validation table goes to `self.recovery_info`."""
         self._require_fit()
         rc = self.cfg.recovery
-        if rc.solver == "ridge":
-            phi = self._prior_features() if rc.prior == "features" else None
-            strengths = rc.prior_strengths if rc.prior_strength == "auto" else (rc.prior_strength,)
-            strengths = (0.0,) if phi is None else strengths
-            gammas = rc.ridge_gammas if rc.ridge_gamma == "auto" else (rc.ridge_gamma,)
-            a, g, table = strengths[0], gammas[0], []
-            if len(strengths) * len(gammas) > 1:
-                a, g, table = prior.select_prior(y_QxK, self.design, phi, strengths, gammas, rc.ridge)
-            res = prior.ridge_prior_solve(y_QxK, self.design, phi, a, g, rc.ridge)
-            self.recovery_info = {"solver": "ridge", "prior": rc.prior, "a": res.a, "g": res.g, "gamma": res.gamma,
-                                  "prior_dim": 0 if phi is None else int(phi.shape[1]), "folds": rc.ridge.folds,
-                                  "cv": table}
-            lambdas = np.full(np.shape(y_QxK)[0], res.gamma)
-            rule = f"a relative residual <= recovery.ridge.tol={rc.ridge.tol} within {rc.ridge.refine} rounds"
-        else:
-            lam_max = np.asarray(recovery.lambda_max(y_QxK, self.design))
-            frac = rc.lambda_frac
-            fista_cfg = dataclasses.replace(rc.fista, nonneg=rc.nonneg)
-            if frac == "auto":
-                frac, _ = recovery.select_lambda(y_QxK, self.design, fractions=rc.auto_fractions, cfg=fista_cfg)
-            lambdas = float(frac) * lam_max
-            self.recovery_info = {"solver": rc.solver, "lambda_frac": float(frac)}
-            if rc.solver == "working_set":
-                res = recovery.solve_lasso(y_QxK, self.design, lambdas,
-                                           dataclasses.replace(rc.lasso, nonneg=rc.nonneg), sparse=rc.sparse)
-                rule = f"a relative duality gap <= recovery.lasso.tol={rc.lasso.tol} within {rc.lasso.max_outer} rounds"
-            else:
-                res = recovery.fista_lasso(y_QxK, self.design, lambdas, fista_cfg)
-                rule = f"recovery.fista.max_iter={rc.fista.max_iter} iterations"
-        q = y_QxK.shape[0]
-        coef = res.coef if isinstance(res.coef, recovery.SparseScores) else np.asarray(res.coef, np.float32)
-        attr = Attribution(
-            scores=coef, train_ids=self.train_ids,
-            query_ids=np.arange(q) if query_ids is None else np.asarray(query_ids),
-            lambdas=np.asarray(lambdas, dtype=np.float32).reshape(q), n_iter=np.asarray(res.n_iter).reshape(q),
-            converged=np.asarray(res.converged).reshape(q), gap=np.asarray(res.gap, np.float32).reshape(q),
-        )
-        if attr.n_not_converged:
-            worst = float(np.max(attr.gap[~attr.converged]))
-            kind, gap_name = ("Ridge", "residual") if rc.solver == "ridge" else ("Lasso", "duality gap")
-            msg = (f"{kind} recovery did not converge ({rule}) for {attr.n_not_converged} of {q} queries "
-                   f"(largest relative {gap_name} {worst:.2e}); their scores are approximate")
-            if rc.strict:
-                raise RuntimeError(msg)
-            log.warning(msg)
+        phi = self._prior_features() if rc.solver == "ridge" and rc.prior == "features" else None
+        attr, self.recovery_info = recover(y_QxK, self.design, rc, train_ids=self.train_ids, query_ids=query_ids,
+                                           prior_features=phi)
         return attr
 
     def attribute(self, queries: Any, *, progress: bool = True, confidence: int = 0, k: int = 10) -> Attribution:

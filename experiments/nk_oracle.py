@@ -1,0 +1,119 @@
+"""Is STRIDE's gap at n >> K information or operators? Recovery from perfect responses.
+
+For cells of an n >> K config (nk_law.yaml) whose stores a run has made (base model, ground
+truth, a reference method's scores), take the reference's influence vector of each query (EK-FAC
+by default) as if it were the truth, synthesise the responses perfect operators would give through
+the design STRIDE used at each K (y_k = the sum of w over subset k: y = M w, centred per query
+as STRIDE centres), recover with STRIDE's own recoveries (Lasso, ridge; chosen on validation
+queries) and report the test LDS of what comes back. Its ratio to the reference's own LDS is what
+K subset sums keep of that influence vector whatever the operators: where STRIDE's real responses
+fall far below it, the operators (fit noise, their per-example resolution) are the bottleneck, not
+the number of subsets. No fit runs; nothing is written to the run's stores.
+
+    PYTHONPATH=. python experiments/nk_oracle.py experiments/configs/nk_law.yaml --out runs/nk \
+        --cells 0.2M-n3072,0.2M-n12288 --results experiments/results
+
+Writes `<results>/nk_oracle.json` (entries keyed by cell and K, merged with earlier ones) and
+`nk_oracle.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stride_jax import Attribution, store
+from stride_jax.attribution import recover
+from stride_jax.config import RecoveryConfig
+from stride_jax.design import left_regular_design
+from stride_jax.harness import load_config, report as report_lib, tasks
+
+RECOVERIES = {"lasso": RecoveryConfig(), "ridge": RecoveryConfig(solver="ridge")}
+
+
+def subset_sums(design, w_NxQ: np.ndarray) -> np.ndarray:
+    """y [Q, K]: each subset's sum of its members' w (perfect operators), centred per query."""
+    y_KxQ = np.zeros((design.n_subsets, w_NxQ.shape[1]), np.float64)
+    for s in range(design.ids_NxS.shape[1]):  # d columns: one scatter-add each
+        np.add.at(y_KxQ, design.ids_NxS[:, s], w_NxQ)
+    y = y_KxQ.T
+    return (y - y.mean(axis=1, keepdims=True)).astype(np.float32)
+
+
+def cell_ks(cfg, cell: str, n: int) -> dict[str, int]:
+    """{group: K} of the config's select groups for `cell` (groups the cell leaves out skipped)."""
+    out = {}
+    base = cfg.stride_for(cell).design.n_subsets
+    cell_cfg = next(c for c in cfg.cells if c.name == cell)
+    for group, override in cfg.select.groups.items():
+        extra = cell_cfg.groups.get(group, {})
+        if extra is None or (override or {}).get("fit", {}).get("ensemble", 1) > 1:
+            continue  # left out, or an ensemble (the same design as its single-fit group)
+        k = (extra.get("design") or {}).get("n_subsets") or (override.get("design") or {}).get("n_subsets") or base
+        out[group] = int(k if k != "auto" else n)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config")
+    ap.add_argument("--out", required=True, help="the run's folder (its cells' stores)")
+    ap.add_argument("--cells", required=True, help="comma-separated cells")
+    ap.add_argument("--reference", default="ekfac", help="the method whose scores stand for the truth")
+    ap.add_argument("--results", default="experiments/results")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config)
+    results = Path(args.results)
+    path = results / "nk_oracle.json"
+    entries = {(e["cell"], e["group"]): e for e in (json.loads(path.read_text())["entries"] if path.exists() else [])}
+    n_boot = cfg.select.n_boot
+    for cell in args.cells.split(","):
+        run_dir = Path(args.out) / cell
+        p = tasks.prepare(cfg.task_for(cell), run_dir, groundtruth=True)
+        ref_attr = Attribution.load(run_dir / "methods" / args.reference / "scores")
+        if not np.array_equal(ref_attr.train_ids, p.train.ids):
+            raise ValueError(f"{args.reference}'s scores in {run_dir} are not over this cell's pool")
+        ref = ref_attr.dense()
+        ref_lds = p.lds(ref, "test", None, n_boot)["mean"]
+        d, n = cfg.stride_for(cell).design, len(p.train)
+        for group, k in cell_ks(cfg, cell, n).items():
+            t0 = time.perf_counter()
+            design = left_regular_design(n, k, d.per_example, d.seed)  # the design STRIDE's fit drew
+            y = subset_sums(design, ref)
+            val, attrs = {}, {}
+            for name, rc in RECOVERIES.items():
+                attrs[name], _ = recover(y, design, rc, train_ids=p.train.ids)
+                val[name] = p.lds(attrs[name].dense(), "val", None, n_boot)["mean"]
+            best = max(val, key=val.get)
+            test = p.lds(attrs[best].dense(), "test", None, n_boot)
+            entries[(cell, group)] = {
+                "cell": cell, "group": group, "n": n, "k": k, "k_over_n": round(k / n, 3), "reference": args.reference,
+                "reference_test_lds": ref_lds, "val": val, "chosen": best, "test_lds": test,
+                "kept": test["mean"] / ref_lds if ref_lds else None, "seconds": round(time.perf_counter() - t0, 1)}
+            print(f"[{cell}] {group} (K={k}): perfect-operator test LDS {test['mean']:.3f} via {best} "
+                  f"({entries[(cell, group)]['kept']:.2f} of {args.reference}'s {ref_lds:.3f})", flush=True)
+    command = "PYTHONPATH=. python experiments/nk_oracle.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    out = {"command": command, "machine": report_lib.machine(), "date": time.strftime("%Y-%m-%d"),
+           "entries": sorted(entries.values(), key=lambda e: (e["n"], e["cell"], e["k"]))}
+    store.write_json(path, out)
+    lines = ["# nk_oracle: recovery from perfect responses (y = M w, w = the reference's scores)", "",
+             f"Command: `{command}`. Machine: {out['machine']}, {out['date']}.", "",
+             "| cell | group | K/n | validation LDS lasso / ridge | chosen | test LDS [95%] | reference's test LDS | kept |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in out["entries"]:
+        t = e["test_lds"]
+        lines.append(f"| {e['cell']} | {e['group']} | {e['k_over_n']:.2f} | {e['val']['lasso']:.3f} / {e['val']['ridge']:.3f} "
+                     f"| {e['chosen']} | {t['mean']:.3f} [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}] "
+                     f"| {e['reference']} {e['reference_test_lds']:.3f} | {e['kept']:.2f} |")
+    store.atomic_write(results / "nk_oracle.md", "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
