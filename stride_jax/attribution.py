@@ -173,7 +173,7 @@ class Stride:
             members = [Stride(c, mesh=self.mesh).fit(model, train, progress=progress, workdir=None if workdir is None
                                                      else Path(workdir) / f"member{i}" if i else workdir)
                        for i, c in enumerate(self.cfg.ensemble_members())]
-            return Stride.from_members(self.cfg, members)
+            return self._adopt(self.cfg, members)
         self._pool, self._workdir = train, workdir
         with store.Lock(workdir) if workdir is not None else contextlib.nullcontext():
             d = self.cfg.design
@@ -198,12 +198,16 @@ class Stride:
         """The `fit.ensemble` of fitted `members` (`cfg.ensemble_members()`, the same design): it
         measures every member and averages their losses (`measure.average`), so its responses are
         the mean of the members' and recovery runs once on them."""
+        return cls(cfg, mesh=members[0].mesh)._adopt(cfg, members)
+
+    def _adopt(self, cfg: StrideConfig, members: list[Stride]) -> Stride:
+        """This facade as the ensemble of `members` (see `from_members`)."""
         first = members[0]
         if len(members) != cfg.fit.ensemble or any(
                 not np.array_equal(m.design.ids_NxS, first.design.ids_NxS) for m in members[1:]):
             raise ValueError(f"an ensemble of fit.ensemble={cfg.fit.ensemble} needs that many fits of one design, "
                              f"got {len(members)}")
-        self = cls(first.cfg.replace(fit={"ensemble": cfg.fit.ensemble, "seed": cfg.fit.seed}), mesh=first.mesh)
+        self.cfg = first.cfg.replace(fit={"ensemble": cfg.fit.ensemble, "seed": cfg.fit.seed})
         for name in ("model", "design", "bank", "train_ids", "prior_features", "_pool", "_workdir"):
             setattr(self, name, getattr(first, name))
         self.members = list(members)

@@ -286,7 +286,8 @@ def test_fit_ensemble_averages_the_responses_of_its_member_fits(planted, tmp_pat
     the planted examples."""
     model, pool, queries, _ = planted
     cfg = PLANTED_CFG.replace(fit={"ensemble": 2})
-    ens = Stride(cfg).fit(model, pool, workdir=tmp_path / "fit", progress=False)
+    ens = Stride(cfg)
+    assert ens.fit(model, pool, workdir=tmp_path / "fit", progress=False) is ens  # fitted in place, like a single fit
     assert len(ens.members) == 2 and ens.cfg.fit.ensemble == 2
     assert [m.cfg.fit.seed for m in ens.members] == [0, 1]
     single = [Stride(PLANTED_CFG.replace(fit={"seed": s})).fit(model, pool, workdir=tmp_path / d, progress=False)

@@ -1,6 +1,6 @@
-"""Is STRIDE's gap at n >> K information or operators? Recovery from perfect responses.
+"""Is STRIDE's gap information or operators? Recovery from perfect responses.
 
-For cells of an n >> K config (nk_law.yaml) whose stores a run has made (base model, ground
+For cells of a config with STRIDE groups (nk_law.yaml, sft_lds.yaml) whose stores a run has made (base model, ground
 truth, a reference method's scores), take the reference's influence vector of each query (EK-FAC
 by default) as if it were the truth, synthesise the responses perfect operators would give through
 the design STRIDE used at each K (y_k = the sum of w over subset k: y = M w, centred per query
@@ -10,11 +10,11 @@ K subset sums keep of that influence vector whatever the operators: where STRIDE
 fall far below it, the operators (fit noise, their per-example resolution) are the bottleneck, not
 the number of subsets. No fit runs; nothing is written to the run's stores.
 
-    PYTHONPATH=. python experiments/nk_oracle.py experiments/configs/nk_law.yaml --out runs/nk \
+    PYTHONPATH=. python experiments/oracle_recovery.py experiments/configs/nk_law.yaml --out runs/nk \
         --cells 0.2M-n3072,0.2M-n12288 --results experiments/results
 
-Writes `<results>/nk_oracle.json` (entries keyed by cell and K, merged with earlier ones) and
-`nk_oracle.md`.
+Writes `<results>/oracle_recovery.json` (entries keyed by cell and K, merged with earlier ones) and
+`oracle_recovery.md`.
 """
 
 from __future__ import annotations
@@ -70,9 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
     results = Path(args.results)
-    path = results / "nk_oracle.json"
-    entries = {(e["cell"], e["group"]): e for e in (json.loads(path.read_text())["entries"] if path.exists() else [])}
+    path = results / "oracle_recovery.json"
+    entries = {(e["config"], e["cell"], e["group"]): e
+               for e in (json.loads(path.read_text())["entries"] if path.exists() else [])}
+    command = "PYTHONPATH=. python experiments/oracle_recovery.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     n_boot = cfg.select.n_boot
+    ran = results / f"{cfg.name}.json"  # STRIDE's own rows (its real responses), where a run wrote them
+    stride_rows = {(r["cell"], r["method"]): r["lds"]["mean"]
+                   for r in (json.loads(ran.read_text())["rows"] if ran.exists() else [])}
     for cell in args.cells.split(","):
         run_dir = Path(args.out) / cell
         p = tasks.prepare(cfg.task_for(cell), run_dir, groundtruth=True)
@@ -82,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         ref = ref_attr.dense()
         ref_lds = p.lds(ref, "test", None, n_boot)["mean"]
         d, n = cfg.stride_for(cell).design, len(p.train)
+        done: set[int] = set()
         for group, k in cell_ks(cfg, cell, n).items():
+            if k in done:  # another group of the same K (the same design)
+                continue
+            done.add(k)
             t0 = time.perf_counter()
             design = left_regular_design(n, k, d.per_example, d.seed)  # the design STRIDE's fit drew
             y = subset_sums(design, ref)
@@ -92,26 +101,29 @@ def main(argv: list[str] | None = None) -> int:
                 val[name] = p.lds(attrs[name].dense(), "val", None, n_boot)["mean"]
             best = max(val, key=val.get)
             test = p.lds(attrs[best].dense(), "test", None, n_boot)
-            entries[(cell, group)] = {
-                "cell": cell, "group": group, "n": n, "k": k, "k_over_n": round(k / n, 3), "reference": args.reference,
-                "reference_test_lds": ref_lds, "val": val, "chosen": best, "test_lds": test,
-                "kept": test["mean"] / ref_lds if ref_lds else None, "seconds": round(time.perf_counter() - t0, 1)}
+            entries[(cfg.name, cell, group)] = {
+                "config": cfg.name, "command": command, "machine": report_lib.machine(),
+                "date": time.strftime("%Y-%m-%d"), "cell": cell, "group": group, "n": n, "k": k,
+                "k_over_n": round(k / n, 3), "reference": args.reference, "reference_test_lds": ref_lds,
+                "val": val, "chosen": best, "test_lds": test, "kept": test["mean"] / ref_lds if ref_lds else None,
+                "stride_test_lds": stride_rows.get((cell, f"stride-{group}" if group else "stride")),
+                "seconds": round(time.perf_counter() - t0, 1)}
             print(f"[{cell}] {group} (K={k}): perfect-operator test LDS {test['mean']:.3f} via {best} "
-                  f"({entries[(cell, group)]['kept']:.2f} of {args.reference}'s {ref_lds:.3f})", flush=True)
-    command = "PYTHONPATH=. python experiments/nk_oracle.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    out = {"command": command, "machine": report_lib.machine(), "date": time.strftime("%Y-%m-%d"),
-           "entries": sorted(entries.values(), key=lambda e: (e["n"], e["cell"], e["k"]))}
+                  f"({entries[(cfg.name, cell, group)]['kept']:.2f} of {args.reference}'s {ref_lds:.3f})", flush=True)
+    out = {"entries": sorted(entries.values(), key=lambda e: (e["config"], e["n"], e["cell"], e["k"]))}
     store.write_json(path, out)
-    lines = ["# nk_oracle: recovery from perfect responses (y = M w, w = the reference's scores)", "",
-             f"Command: `{command}`. Machine: {out['machine']}, {out['date']}.", "",
-             "| cell | group | K/n | validation LDS lasso / ridge | chosen | test LDS [95%] | reference's test LDS | kept |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["# oracle_recovery: recovery from perfect responses (y = M w, w = the reference's scores)", "",
+             "Each entry's command, machine and date are in oracle_recovery.json. kept = perfect-operator test LDS "
+             "/ the reference's own; STRIDE = the test LDS of STRIDE's real responses at that K (its results file).",
+             "", "| config | cell | group | K/n | validation LDS lasso / ridge | chosen | perfect-operator test LDS "
+             "[95%] | reference's test LDS | kept | STRIDE |", "|---|---|---|---|---|---|---|---|---|---|"]
     for e in out["entries"]:
-        t = e["test_lds"]
-        lines.append(f"| {e['cell']} | {e['group']} | {e['k_over_n']:.2f} | {e['val']['lasso']:.3f} / {e['val']['ridge']:.3f} "
-                     f"| {e['chosen']} | {t['mean']:.3f} [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}] "
-                     f"| {e['reference']} {e['reference_test_lds']:.3f} | {e['kept']:.2f} |")
-    store.atomic_write(results / "nk_oracle.md", "\n".join(lines) + "\n")
+        t, real = e["test_lds"], e.get("stride_test_lds")
+        lines.append(f"| {e['config']} | {e['cell']} | {e['group']} | {e['k_over_n']:.2f} | {e['val']['lasso']:.3f} / "
+                     f"{e['val']['ridge']:.3f} | {e['chosen']} | {t['mean']:.3f} [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}] "
+                     f"| {e['reference']} {e['reference_test_lds']:.3f} | {e['kept']:.2f} | "
+                     f"{'-' if real is None else f'{real:.3f}'} |")
+    store.atomic_write(results / "oracle_recovery.md", "\n".join(lines) + "\n")
     return 0
 
 
