@@ -171,3 +171,17 @@ def test_plot_small_reports(case, tmp_path):
             assert not any(_drawn(line) and len(line.get_xdata()) > 1 and np.ptp(line.get_xdata()) > 0
                            and np.ptp(line.get_ydata()) > 0 for line in ax.lines)
     assert (case == "n-series") == any(ax.get_gid() == report.SERIES for ax in fig.axes)
+
+
+def test_nk_law_draws_one_line_per_cell_through_single_fits():
+    """The law panel: a line per cell (model and n) through its single-fit K only; rows that
+    average several fits (`fit.ensemble`) are open markers, never joined to the line."""
+    rep = json.loads((RESULTS / "nk_law.json").read_text())
+    fig = report.figure(rep)
+    ax = next(ax for ax in fig.axes if ax.get_title() == "STRIDE as K grows with n")
+    lines = {label: line for label, line in _labelled(ax) if label.startswith("STRIDE")}
+    for cell, groups in report._k_law(rep).items():
+        single = lines[f"STRIDE, {cell}"]
+        assert _drawn(single) and len(single.get_xdata()) == sum(e == 1 for _, _, e in groups)
+        if any(e > 1 for _, _, e in groups):
+            assert not _drawn(lines[f"STRIDE, 2 fits averaged, {cell}"])

@@ -693,34 +693,40 @@ def _selection_panels(axes, report, styles) -> None:
                     title="picks that are the target's own records")
 
 
-def _k_law(report: dict[str, Any]) -> dict[str, list[tuple[float, str]]]:
-    """{cell: [(K/n, STRIDE row), ...]} when the selection groups of a cell set different K (a
-    K-over-n sweep such as nk_law.yaml); {} otherwise."""
+def _k_law(report: dict[str, Any]) -> dict[str, list[tuple[float, str, int]]]:
+    """{cell: [(K/n, STRIDE row, fits averaged), ...]} when the selection groups of a cell set
+    different K (a K-over-n sweep such as nk_law.yaml); {} otherwise."""
     n_of = {c["cell"]: c.get("n_train") for c in report.get("cells", [])}
-    out: dict[str, list[tuple[float, str]]] = {}
+    out: dict[str, list[tuple[float, str, int]]] = {}
     for s in report.get("selection", []):
-        k = (s.get("settings") or {}).get("design", {}).get("n_subsets")
+        settings = s.get("settings") or {}
+        k = settings.get("design", {}).get("n_subsets")
         if s.get("group") and isinstance(k, int) and n_of.get(s["cell"]):
-            out.setdefault(s["cell"], []).append((k / n_of[s["cell"]], f"stride-{s['group']}"))
-    return {c: sorted(v) for c, v in out.items() if len({x for x, _ in v}) >= 2}
+            ens = int(settings.get("fit", {}).get("ensemble", 1))
+            out.setdefault(s["cell"], []).append((k / n_of[s["cell"]], f"stride-{s['group']}", ens))
+    return {c: sorted(v) for c, v in out.items() if len({x for x, _, e in v if e == 1}) >= 2}
 
 
 def _law_panel(ax, report, data, styles, law) -> None:
-    """Test LDS against K/n (log x): one STRIDE line per n (the K of one pool are a series); the
-    reference methods of each n as short horizontal marks at the right, in the line's style."""
+    """Test LDS against K/n (log x): one STRIDE line per cell through its single fits (the K of one
+    pool and model are a series); rows averaging several fits of the same K (`fit.ensemble`) as
+    open markers beside them, unjoined; the reference methods of each cell as short horizontal
+    marks at the right, in the line's style."""
     info = {c["cell"]: c for c in report["cells"]}
     ax.set_gid(SERIES)
     ls = ["-", "--", "-.", ":"]
     refs = [m for m in styles if m in data and not _is_stride(m)]
-    right = max(x for pts in law.values() for x, _ in pts)
-    for i, cell in enumerate(sorted(law, key=lambda c: info[c]["n_train"])):
-        pts = [(x, data[m][cell]["lds"]) for x, m in law[cell] if cell in data.get(m, {}) and data[m][cell]["lds"]]
-        if not pts:
-            continue
-        v = np.array([_ci(e) for _, e in pts])
-        xs = np.array([x for x, _ in pts])
-        ax.errorbar(xs, v[:, 0], yerr=[v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]], color="k", marker="D", ms=6,
-                    linestyle=ls[i % len(ls)], capsize=2, label=f"STRIDE, n = {info[cell]['n_train']:,}", zorder=4)
+    right = max(x for pts in law.values() for x, _, _ in pts)
+    for i, cell in enumerate(sorted(law, key=lambda c: (info[c]["n_train"], info[c].get("params") or 0))):
+        pts = [(x, data[m][cell]["lds"], e) for x, m, e in law[cell] if cell in data.get(m, {}) and data[m][cell]["lds"]]
+        for ensemble in sorted({e for _, _, e in pts}):
+            sub = [(x, lds) for x, lds, e in pts if e == ensemble]
+            v = np.array([_ci(lds) for _, lds in sub])
+            xs = np.array([x for x, _ in sub]) * (1.0 if ensemble == 1 else 1.08)  # beside the single fit's point
+            single = ensemble == 1
+            ax.errorbar(xs, v[:, 0], yerr=[v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]], color="k", marker="D", ms=6,
+                        mfc="k" if single else "white", linestyle=ls[i % len(ls)] if single else "none", capsize=2,
+                        label=f"STRIDE, {cell}" if single else f"STRIDE, {ensemble} fits averaged, {cell}", zorder=4)
         for j, m in enumerate(refs):
             e = data[m].get(cell)
             if e and e["lds"]:
@@ -731,7 +737,7 @@ def _law_panel(ax, report, data, styles, law) -> None:
 
     ax.set_xscale("log")
     ticks: list[float] = []
-    for t in sorted({x for pts in law.values() for x, _ in pts}):
+    for t in sorted({x for pts in law.values() for x, _, _ in pts}):
         if not ticks or t > 1.15 * ticks[-1]:  # K = 1000 and n / 3 can nearly coincide: one label
             ticks.append(t)
     ax.xaxis.set_major_locator(FixedLocator(ticks))
