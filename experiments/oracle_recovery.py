@@ -30,9 +30,9 @@ import numpy as np
 
 from stride_jax import Attribution, store
 from stride_jax.attribution import recover
-from stride_jax.config import RecoveryConfig
+from stride_jax.config import RecoveryConfig, merge
 from stride_jax.design import left_regular_design
-from stride_jax.harness import load_config, report as report_lib, tasks
+from stride_jax.harness import load_config, report as report_lib, sweep, tasks
 
 RECOVERIES = {"lasso": RecoveryConfig(), "ridge": RecoveryConfig(solver="ridge")}
 
@@ -47,16 +47,18 @@ def subset_sums(design, w_NxQ: np.ndarray) -> np.ndarray:
 
 
 def cell_ks(cfg, cell: str, n: int) -> dict[str, int]:
-    """{group: K} of the config's select groups for `cell` (groups the cell leaves out skipped)."""
-    out = {}
-    base = cfg.stride_for(cell).design.n_subsets
+    """{group: K} of the config's single-fit select groups for `cell`, resolved as the harness
+    resolves them (group and cell overrides merged, then `sweep.variant_configs`); groups the cell
+    leaves out and ensembles (the design of their single-fit group) are skipped."""
     cell_cfg = next(c for c in cfg.cells if c.name == cell)
+    out = {}
     for group, override in cfg.select.groups.items():
-        extra = cell_cfg.groups.get(group, {})
-        if extra is None or (override or {}).get("fit", {}).get("ensemble", 1) > 1:
-            continue  # left out, or an ensemble (the same design as its single-fit group)
-        k = (extra.get("design") or {}).get("n_subsets") or (override.get("design") or {}).get("n_subsets") or base
-        out[group] = int(k if k != "auto" else n)
+        if group in cell_cfg.groups and cell_cfg.groups[group] is None:
+            continue
+        settings = merge(override or {}, cell_cfg.groups.get(group) or {})
+        resolved = sweep.variant_configs(cfg.stride_for(cell), {"": {}}, settings, n_train=n)[""]
+        if not isinstance(resolved, str) and resolved.fit.ensemble == 1:
+            out[group] = resolved.design.n_subsets
     return out
 
 

@@ -170,8 +170,10 @@ class Stride:
         _check_pool(model, train, self.cfg)
         _warn_below_knee(self.cfg.design.n_subsets, len(train))
         if self.cfg.fit.ensemble > 1:  # member 0 in the workdir itself: the single fit of these settings
-            members = [Stride(c, mesh=self.mesh).fit(model, train, progress=progress, workdir=None if workdir is None
-                                                     else Path(workdir) / f"member{i}" if i else workdir)
+            # the ensemble recovers with member 0's prior features: the others need not compute them again
+            members = [Stride(c if i == 0 else c.replace(recovery={"prior": "none"}), mesh=self.mesh).fit(
+                           model, train, progress=progress,
+                           workdir=None if workdir is None else Path(workdir) / f"member{i}" if i else workdir)
                        for i, c in enumerate(self.cfg.ensemble_members())]
             return self._adopt(self.cfg, members)
         self._pool, self._workdir = train, workdir

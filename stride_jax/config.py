@@ -133,10 +133,10 @@ class FitConfig:
       steps (`resolve_steps`) and `steps` is ignored (with a warning when it was changed from its
       default and disagrees); the fitter records the resolved number in its config's `steps`.
     ensemble: fit this many independent operator banks on the same subsets (fit seeds seed,
-      seed + 1, ...) and average their responses before recovery (`measure.average`). Fit noise
-      is a large part of STRIDE's error where K ~ n (issue 22: two seeds' ridge solutions
-      correlate 0.53 at n = 3,072); each member costs one fit and one measurement. Member i is
-      an ordinary fit (ensemble 1, seed + i), so member 0 is the single fit of the same settings.
+      seed + 1, ...) and average their responses before recovery (`measure.average`); each member
+      costs one fit and one measurement. Member i is an ordinary fit (ensemble 1, seed + i), so
+      member 0 is the single fit of the same settings. Measured (nk_law.md, x2 rows): at most
+      +0.013 validation LDS at K = 2n and none at 4n; more updates per operator paid more.
     """
 
     steps: int = 300
