@@ -308,6 +308,36 @@ def test_a_methods_run_replaces_its_rows_and_keeps_the_others_with_their_origin(
     assert "unknown method row(s) ['nope']" in capsys.readouterr().err
 
 
+def test_a_methods_run_of_one_select_group_keeps_the_other_groups_rows():
+    """`--methods stride-K=n` runs STRIDE's select group "K=n" only: its chosen row, variants and
+    selection replace the earlier ones; group ""'s ("stride") and the other groups' stay, with
+    where they come from; "stride" still names every group, and an unknown group is refused."""
+    full = {"name": "x", "cells": [{"name": "a"}], "task": {"kind": "lm"}, "methods": [{"name": "graddot"}]}
+    var = [{"cell": "a", "group": g, "variant": "v", "override": {}, "seconds": {}, "lds_val": {"mean": 0.2}}
+           for g in ("", "K=n", "K=2n")]
+    earlier = {**_fake_report([("a", 1000, 100)]), "config": full, "command": "first", "variants": var,
+               "selection": [{"cell": "a", "group": g, "chosen": "v", "val_lds": 0.2} for g in ("", "K=n", "K=2n")]}
+    earlier["rows"] += [{**earlier["rows"][0], "method": m} for m in ("stride-K=n", "stride-K=2n")]
+    now = {**_fake_report([("a", 1000, 100)]), "command": "second",
+           "variants": [{**var[1], "lds_val": {"mean": 0.5}}], "selection": [{"cell": "a", "group": "K=n"}]}
+    now["rows"] = [{**now["rows"][0], "method": "stride-K=n", "lds": {"mean": 0.5, "ci95": [0.4, 0.6]}}]
+    merged = report_lib.merge_earlier(now, earlier, full, methods={"stride-K=n"})
+    assert sorted((r["method"], r["lds"]["mean"]) for r in merged["rows"]) == [
+        ("graddot", 0.1), ("stride", 0.1), ("stride-K=2n", 0.1), ("stride-K=n", 0.5)]
+    assert sorted((v["group"], v["lds_val"]["mean"]) for v in merged["variants"]) == [("", 0.2), ("K=2n", 0.2),
+                                                                                     ("K=n", 0.5)]
+    assert sorted(s["group"] for s in merged["selection"]) == ["", "K=2n", "K=n"]
+    assert sorted(merged["earlier_rows"][0]["methods"]) == ["graddot", "stride", "stride-K=2n"]
+    every = report_lib.merge_earlier(now, earlier, full, methods={"stride"})
+    assert sorted(r["method"] for r in every["rows"]) == ["graddot", "stride-K=n"]
+    from stride_jax.harness import experiment
+
+    cfg = load_config(CONFIGS / "sft_lds.yaml")
+    assert experiment.check_methods(cfg, ["stride-K=n", "stride-K=2n"]) == ["stride-K=n", "stride-K=2n"]
+    with pytest.raises(ValueError, match=r"unknown method row\(s\) \['stride-K=3n'\]"):
+        experiment.check_methods(cfg, ["stride-K=3n"])
+
+
 def test_qualitative_columns_follow_the_config_and_say_where_kept_entries_come_from():
     """The side-by-side columns are in the config's method order, also for entries reread from a
     json (whose keys are sorted), and the file names the run its kept entries come from."""

@@ -59,13 +59,16 @@ def _lds_rows(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, name: str
     return rows
 
 
-def _variants(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, run_dir: Path, progress: bool):
-    """Variant rows, selection records and the chosen methods' (scores, record) of one cell."""
+def _variants(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, run_dir: Path, progress: bool,
+              methods: Collection[str] | None = None):
+    """Variant rows, selection records and the chosen methods' (scores, record) of one cell:
+    of the select groups whose row `methods` names (all if None or if it names "stride")."""
     variants = cfg.all_variants()
     rows, selection, chosen = [], [], {}
     if not variants:
         return rows, selection, chosen
     groups = cfg.select.groups if cfg.select is not None else {"": {}}
+    groups = {g: o for g, o in groups.items() if report_lib.group_runs(report_lib.group_row(g), methods)}
     alpha = cfg.select.alpha if cfg.select is not None else None
     n_boot = cfg.select.n_boot if cfg.select is not None else min(cfg.n_boot, 200)
     for group, override in groups.items():
@@ -101,7 +104,7 @@ def _variants(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, run_dir: 
             if not finite:
                 raise RuntimeError(f"every STRIDE variant failed for cell {cell!r} group {group!r}")
             best = max(finite, key=finite.get)
-            method = f"stride-{group}" if group else "stride"
+            method = report_lib.group_row(group)
             selection.append({"cell": cell, "group": group, "chosen": best, "val_lds": finite[best],
                               "grid_seconds": round(time.perf_counter() - t0, 1),
                               "settings": to_dict(results[best].cfg)})
@@ -337,8 +340,11 @@ def preflight(cfg: ExperimentConfig, methods: Collection[str] | None = None) -> 
 
 
 def check_methods(cfg: ExperimentConfig, methods: Collection[str]) -> list[str]:
-    """`methods` (names of `cfg`'s method rows, or "stride" for its STRIDE variants), checked."""
-    known = ([report_lib.VARIANT_ROWS] if cfg.all_variants() else []) + [m.name for m in cfg.methods]
+    """`methods` (names of `cfg`'s method rows; "stride" for every STRIDE select group, "stride-<group>"
+    for one group), checked."""
+    groups = list(cfg.select.groups) if cfg.select is not None else []
+    known = ([report_lib.VARIANT_ROWS, *(report_lib.group_row(g) for g in groups if g)]
+             if cfg.all_variants() else []) + [m.name for m in cfg.methods]
     names = [m.strip() for m in methods if m.strip()]
     unknown = sorted(set(names) - set(known))
     if unknown or not names:
@@ -354,7 +360,8 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
     `full`: the whole config when `cfg` runs some of its cells (`--cells`): the results file
     then keeps the other cells' entries from its previous version (ValueError if that was
     written by a different config), and says which run they come from.
-    `methods`: run only these method rows ("stride": the STRIDE variants); the data, base
+    `methods`: run only these method rows ("stride": the STRIDE variants of every select group,
+    "stride-<group>": one group's); the data, base
     model and ground truth are still made (or resumed). The results file keeps the other rows
     from its previous version, and the entries derived from several methods (contamination,
     data selection, counterfactual removal; the qualitative examples unless all their methods
@@ -392,8 +399,7 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
             log.info("[%s] %s parameters, %d training examples, noise ceiling %s", cell or cfg.name,
                      f"{p.info['params']:,}", p.info["n_train"],
                      {a: report_lib.fmt_lds(c) for a, c in report["cells"][-1]["noise_ceiling"].items()})
-            variant_rows, selection, chosen = ([], [], {}) if methods is not None and report_lib.VARIANT_ROWS \
-                not in methods else _variants(p, cfg, cell, run_dir, progress)
+            variant_rows, selection, chosen = _variants(p, cfg, cell, run_dir, progress, methods)
             report["variants"] += variant_rows
             report["selection"] += selection
             scored: dict[str, np.ndarray] = {}

@@ -893,6 +893,17 @@ def row_source(method: str, method_names: Collection[str]) -> str:
     return VARIANT_ROWS if method == VARIANT_ROWS or method.startswith(VARIANT_ROWS + "-") else method
 
 
+def group_row(group: str) -> str:
+    """The result row of the STRIDE chosen in select group `group` ("stride" for the group "")."""
+    return f"{VARIANT_ROWS}-{group}" if group else VARIANT_ROWS
+
+
+def group_runs(row: str, methods: Collection[str] | None) -> bool:
+    """Whether a `--methods` run (`methods`; None: every row) computes the STRIDE row `row`:
+    "stride" names every select group's row, "stride-<group>" one group's."""
+    return methods is None or VARIANT_ROWS in methods or row in methods
+
+
 def _provenance(earlier: dict[str, Any], cell: str, method: str | None) -> dict[str, str]:
     """Which run wrote `earlier`'s entry of (cell, method row): an older run it kept or its own."""
     for e in earlier.get("earlier_rows", []):
@@ -927,9 +938,11 @@ def merge_earlier(report: dict[str, Any], earlier: dict[str, Any], full_config: 
         if methods is None or key == "cells":
             return False
         if key == "rows":
-            return row_source(e["method"], names) not in methods
+            if row_source(e["method"], names) == VARIANT_ROWS:
+                return not group_runs(e["method"], methods)
+            return e["method"] not in methods
         if key in ("variants", "selection"):
-            return VARIANT_ROWS not in methods
+            return not group_runs(group_row(e.get("group", "")), methods)
         return key in DERIVED and not any(r.get("cell") == e.get("cell") for r in report.get(key, []))
 
     def position(e: dict[str, Any]) -> tuple[int, int]:
