@@ -259,6 +259,10 @@ def test_results_of_other_cells_are_kept_when_running_some_cells():
     assert [c["cell"] for c in again["earlier_cells"]] == ["a", "b"]
     with pytest.raises(ValueError, match=r"differs in \['task.lr'\]"):
         report_lib.merge_earlier(now, earlier, {**full, "task": {"kind": "lm", "lr": 2.0}})
+    only = lambda names: {**full, "select": {"only": {"g": names}}}  # a group's grid may grow, not change
+    report_lib.check_earlier({**earlier, "config": only(["a", "b"])}, only(["b", "a", "c"]))
+    with pytest.raises(ValueError, match=r"differs in \['select.only.g'\]"):
+        report_lib.check_earlier({**earlier, "config": only(["a", "b"])}, only(["a", "c"]))
     with pytest.raises(ValueError, match="holds experiment 'x'"):
         report_lib.merge_earlier(now, earlier, {**full, "name": "y"})
     args = cli.build_parser().parse_args(["run", str(CONFIGS / "nk_regime.yaml"), "--cells", "0.2M-n768"])

@@ -868,14 +868,18 @@ def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
 def check_earlier(earlier: dict[str, Any], full_config: dict[str, Any]) -> None:
     """Raises ValueError when `earlier` (a results file) was written by a different experiment
     than `full_config`: another name, or a setting present in both configs (cells and methods
-    aside) with different values. Settings only one of them has (a field added since) do not count.
+    aside) with different values. Settings only one of them has (a field added since) do not count,
+    nor does a select group's `only` list that grew (variants added to the group's grid: the kept
+    entries say which variants they chose among).
     """
     if earlier.get("config", {}).get("name") != full_config["name"]:
         raise ValueError(f"the results file holds experiment {earlier.get('config', {}).get('name')!r}, "
                          f"not {full_config['name']!r}")
     a = _leaves({k: v for k, v in earlier["config"].items() if k not in ("cells", "methods")})
     b = _leaves({k: v for k, v in full_config.items() if k not in ("cells", "methods")})
-    differ = sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
+    grew = lambda k: (k.startswith("select.only.") and isinstance(a[k], list) and isinstance(b[k], list)
+                      and set(a[k]) <= set(b[k]))
+    differ = sorted(k for k in a.keys() & b.keys() if a[k] != b[k] and not grew(k))
     if differ:
         raise ValueError(f"the results file was written by another version of {full_config['name']!r} "
                          f"(differs in {differ[:5]}); write this run elsewhere (--results)")
