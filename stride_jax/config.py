@@ -446,12 +446,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "recovery": {"lambda_frac": 0.1},
     },
     # The n >> K law's setting (experiments/results/nk_law.md, issue 22): K = 2n subsets (d 10), each
-    # operator updated ~20 times whatever K (sparse updates: a step's cost does not grow with K), and
-    # recovery by ridge with the prior from the pool's own features (strength chosen by held-out
-    # operators). For the project's GPTs on pools larger than the `lm` preset's K / 2 = 1024.
+    # operator updated 40 times whatever K (sparse updates: a step's cost does not grow with K; 40
+    # instead of nk_law's 20 won on validation at K = 2n in all three cells tried, +0.018 to +0.024,
+    # experiments/results/nk_factors.md), and recovery by ridge with the prior from the pool's own
+    # features (strength chosen by held-out operators). For the project's GPTs on pools larger than
+    # the `lm` preset's K / 2 = 1024.
     "lm-auto": {"design": {"n_subsets": "auto", "per_example": 10},
                 "steering": {"rank": 1},
-                "fit": {"learning_rate": 0.01, "updates_per_operator": 20, "sparse_updates": True},
+                "fit": {"learning_rate": 0.01, "updates_per_operator": 40, "sparse_updates": True},
                 "recovery": {"solver": "ridge", "prior": "features"}},
     "quick": {"design": {"n_subsets": 32, "per_example": 4},
               "fit": {"steps": 20, "subsets_per_step": 8, "checkpoint_every": 10}},
