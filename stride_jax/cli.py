@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cells", help="comma-separated cell names: run only these (their stores are shared with a "
                    "full run through the same --out); the results file keeps the other cells from its last version")
     r.add_argument("--methods", help="comma-separated method rows: run only these (\"stride\": the STRIDE variants "
-                   "of every select group, \"stride-<group>\": one group's); the results file keeps the other rows, and the entries derived from several methods, from its "
-                   "last version")
+                   "of every select group, \"stride-<group>\": one group's); the results file keeps the other "
+                   "rows, and the entries derived from several methods, from its last version")
     outputs(r)
     r.set_defaults(fn=cmd_run)
     c = sub.add_parser("config", help="print an experiment config, resolved and validated, as JSON")
