@@ -62,6 +62,18 @@ def cell_ks(cfg, cell: str, n: int) -> dict[str, int]:
     return out
 
 
+def earlier_entries(path: Path) -> dict[tuple[str, str, str], dict]:
+    """The entries of a results file of this kind, keyed by (config, cell, group); {} if none."""
+    return {(e["config"], e["cell"], e["group"]): e
+            for e in (json.loads(path.read_text())["entries"] if path.exists() else [])}
+
+
+def test_lds_rows(results: Path, name: str) -> dict[tuple[str, str], float]:
+    """{(cell, method row): test LDS} of the harness's results file `<name>.json`; {} if none."""
+    ran = results / f"{name}.json"
+    return {(r["cell"], r["method"]): r["lds"]["mean"] for r in (json.loads(ran.read_text())["rows"] if ran.exists() else [])}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
@@ -73,13 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config)
     results = Path(args.results)
     path = results / "oracle_recovery.json"
-    entries = {(e["config"], e["cell"], e["group"]): e
-               for e in (json.loads(path.read_text())["entries"] if path.exists() else [])}
+    entries = earlier_entries(path)
     command = "PYTHONPATH=. python experiments/oracle_recovery.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     n_boot = cfg.select.n_boot
-    ran = results / f"{cfg.name}.json"  # STRIDE's own rows (its real responses), where a run wrote them
-    stride_rows = {(r["cell"], r["method"]): r["lds"]["mean"]
-                   for r in (json.loads(ran.read_text())["rows"] if ran.exists() else [])}
+    stride_rows = test_lds_rows(results, cfg.name)  # STRIDE's own rows (its real responses), where a run wrote them
     for cell in args.cells.split(","):
         run_dir = Path(args.out) / cell
         p = tasks.prepare(cfg.task_for(cell), run_dir, groundtruth=True)
@@ -108,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 "date": time.strftime("%Y-%m-%d"), "cell": cell, "group": group, "n": n, "k": k,
                 "k_over_n": round(k / n, 3), "reference": args.reference, "reference_test_lds": ref_lds,
                 "val": val, "chosen": best, "test_lds": test, "kept": test["mean"] / ref_lds if ref_lds else None,
-                "stride_test_lds": stride_rows.get((cell, f"stride-{group}" if group else "stride")),
+                "stride_test_lds": stride_rows.get((cell, report_lib.group_row(group))),
                 "seconds": round(time.perf_counter() - t0, 1)}
             print(f"[{cell}] {group} (K={k}): perfect-operator test LDS {test['mean']:.3f} via {best} "
                   f"({entries[(cfg.name, cell, group)]['kept']:.2f} of {args.reference}'s {ref_lds:.3f})", flush=True)

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 import scipy.sparse
-from oracle_recovery import subset_sums
+from oracle_recovery import earlier_entries, subset_sums, test_lds_rows
 
 from stride_jax import Attribution, store
 from stride_jax.attribution import recover
@@ -209,13 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config)
     results = Path(args.results)
     path = results / "response_anatomy.json"
-    entries = {(e["config"], e["cell"], e["group"]): e
-               for e in (json.loads(path.read_text())["entries"] if path.exists() else [])}
+    entries = earlier_entries(path)
     command = "nice -n 19 env PYTHONPATH=. python experiments/response_anatomy.py " + " ".join(
         shlex.quote(a) for a in (argv or sys.argv[1:]))
-    ran = results / f"{cfg.name}.json"
-    lds_rows = {(r["cell"], r["method"]): r["lds"]["mean"]
-                for r in (json.loads(ran.read_text())["rows"] if ran.exists() else [])}
+    lds_rows = test_lds_rows(results, cfg.name)
     machine = report_lib.machine()
     for cell in args.cells.split(","):
         t_cell = time.perf_counter()

@@ -28,6 +28,7 @@ from stride_jax import groundtruth as gt_lib
 from stride_jax import tabular
 from stride_jax import train as train_lib
 from stride_jax.config import StrideConfig, from_dict, merge, to_dict
+from stride_jax.harness.report import group_row
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -579,7 +580,7 @@ class ExperimentConfig:
         if self.qualitative is not None:
             rows = {m.name for m in self.methods}
             if self.select is not None:
-                rows |= {f"stride-{g}" if g else "stride" for g in self.select.groups}
+                rows |= {group_row(g) for g in self.select.groups}
             unknown = sorted(set(self.qualitative.methods) - rows)
             if unknown:
                 raise ValueError(f"qualitative.methods names methods the experiment does not run: {unknown}; "

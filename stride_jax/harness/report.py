@@ -703,7 +703,7 @@ def _k_law(report: dict[str, Any]) -> dict[str, list[tuple[float, str, int]]]:
         k = settings.get("design", {}).get("n_subsets")
         if s.get("group") and isinstance(k, int) and n_of.get(s["cell"]):
             ens = int(settings.get("fit", {}).get("ensemble", 1))
-            out.setdefault(s["cell"], []).append((k / n_of[s["cell"]], f"stride-{s['group']}", ens))
+            out.setdefault(s["cell"], []).append((k / n_of[s["cell"]], group_row(s["group"]), ens))
     return {c: sorted(v) for c, v in out.items() if len({x for x, _, e in v if e == 1}) >= 2}
 
 
