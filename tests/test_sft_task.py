@@ -308,11 +308,18 @@ def test_data_selection_run_picks_in_task_records_and_fine_tunes_them(files, tmp
     md = (tmp_path / "run" / "selection_tiny.md").read_text()
     assert "## Data selection" in md and "all targets" in md and "test loss" in md
     assert zebra["loss"]["in-task"]["mean"] < zebra["loss"]["pretrained"]["mean"]
-    # a rerun reads the cached fine-tunes
-    cached = sorted((tmp_path / "run" / "data_selection").glob("*.npz"))
-    assert len(cached) == 2
+    # one store per target and row; a rerun with a method added fine-tunes only that method's picks
+    cached = {f: f.stat().st_mtime_ns for f in (tmp_path / "run" / "data_selection").glob("*.npz")}
+    assert len(cached) == 2 * 3  # bm25, random, in-task
+    cfg["methods"] = ["bm25", "tfidf", "random"]
+    cfg_path.write_text(yaml.safe_dump(cfg))
     assert cli.main(["run", str(cfg_path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
-    assert sorted((tmp_path / "run" / "data_selection").glob("*.npz")) == cached
+    now = {f: f.stat().st_mtime_ns for f in (tmp_path / "run" / "data_selection").glob("*.npz")}
+    assert {f: now[f] for f in cached} == cached and len(now) == 2 * 4
+    again = json.loads((tmp_path / "run" / "selection_tiny.json").read_text())["data_selection"]
+    for before, after in zip((zebra, quilt), again):
+        assert after["hits"]["bm25"] == before["hits"]["bm25"] and after["losses"]["random"] == before["losses"]["random"]
+        assert "tfidf" in after["exact_match"]
     assert report_lib.markdown(report, "cmd")
 
 

@@ -210,28 +210,32 @@ def _data_selection(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, sco
             if ref in c.references:
                 picks[ref] = np.stack([sel.draw(candidates, c.k, [c.seed, t, s, len(ref)]) for s in range(c.seeds)])
         test = splits["test"]
-        idx = np.concatenate(list(picks.values())).astype(np.int32)
-        seeds = np.tile(c.seed + np.arange(c.seeds), len(picks))
-        key = store.fingerprint(["exact, accuracy, loss", to_dict(c), to_dict(task.finetune), to_dict(task.tune), p.train.content_hash(),
-                                 test.content_hash(), store.digest([idx, seeds]), models.param_digest(start)])
-        cache = run_dir / "data_selection" / f"{_file_stem(name)}-{key[:12]}.npz"
-        if cache.exists():
-            z = store.load_npz(cache)
-            exact_MxT, acc_MxT, loss_MxT = z["exact"], z["acc"], z["loss"]
-        else:
+        # one store per row, keyed by what its fine-tunes depend on (not by the other rows, nor by
+        # `methods` / `references` / `n_boot`): a method added later fine-tunes only its own picks
+        common = ["exact, accuracy, loss", to_dict(c.finetune), to_dict(task.tune), p.train.content_hash(),
+                  test.content_hash(), models.param_digest(start)]
+        seeds = c.seed + np.arange(c.seeds)
+        caches = {m: run_dir / "data_selection" / (f"{_file_stem(name)}-{_file_stem(m)}-"
+                                                    f"{store.fingerprint([*common, store.digest([v.astype(np.int32), seeds])])[:12]}.npz")
+                  for m, v in picks.items()}
+        todo = [m for m in picks if not caches[m].exists()]
+        if todo:
             if hooks is None:
                 hooks = train_lib.hook_states(start, task.tune, p.train)
-            log.info("[%s] data selection %s: fine-tune %d models on %d records each", cell or cfg.name, name,
-                     len(idx), c.k)
-            tuned = train_lib.finetune_many(start, p.train, idx, seeds, c.finetune, task.tune, progress=progress,
-                                            desc=f"select {name}", hooks=hooks)
+            log.info("[%s] data selection %s: fine-tune %d models on %d records each (%s)", cell or cfg.name, name,
+                     len(todo) * c.seeds, c.k, ", ".join(todo))
+            idx = np.concatenate([picks[m] for m in todo]).astype(np.int32)
+            tuned = train_lib.finetune_many(start, p.train, idx, np.tile(seeds, len(todo)), c.finetune, task.tune,
+                                            progress=progress, desc=f"select {name}", hooks=hooks)
             test_hooks = train_lib.hook_states(start, task.tune, test, like=hooks)
             exact_MxT, acc_MxT = tuned.greedy_match(test, hooks=test_hooks)
             loss_MxT = tuned.eval_losses(test, hooks=test_hooks)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            store.save_npz(cache, {"exact": exact_MxT, "acc": acc_MxT, "loss": loss_MxT})
-        rows = lambda a: {m: a[i * c.seeds:(i + 1) * c.seeds] for i, m in enumerate(picks)}
-        exact, acc, loss = rows(exact_MxT), rows(acc_MxT), rows(loss_MxT)
+            for i, m in enumerate(todo):
+                part = slice(i * c.seeds, (i + 1) * c.seeds)
+                caches[m].parent.mkdir(parents=True, exist_ok=True)
+                store.save_npz(caches[m], {"exact": exact_MxT[part], "acc": acc_MxT[part], "loss": loss_MxT[part]})
+        z = {m: store.load_npz(caches[m]) for m in picks}
+        exact, acc, loss = ({m: z[m][k] for m in picks} for k in ("exact", "acc", "loss"))
         if "pretrained" in c.references:
             e0, a0 = train_lib.greedy_match(start, test)
             tile = lambda a: np.tile(a, (c.seeds, 1))
