@@ -1,6 +1,6 @@
 """Is STRIDE's gap information or operators? Recovery from perfect responses.
 
-For cells of a config with STRIDE groups (nk_law.yaml, sft_lds.yaml) whose stores a run has made (base model, ground
+For cells of a config with STRIDE groups (nk_regime.yaml, sft_lds.yaml) whose stores a run has made (base model, ground
 truth, a reference method's scores), take the reference's influence vector of each query (EK-FAC
 by default) as if it were the truth, synthesise the responses perfect operators would give through
 the design STRIDE used at each K (y_k = the sum of w over subset k: y = M w, centred per query
@@ -10,8 +10,8 @@ K subset sums keep of that influence vector whatever the operators: where STRIDE
 fall far below it, the operators (fit noise, their per-example resolution) are the bottleneck, not
 the number of subsets. No fit runs; nothing is written to the run's stores.
 
-    PYTHONPATH=. python experiments/oracle_recovery.py experiments/configs/nk_law.yaml --out runs/nk \
-        --cells 0.2M-n3072,0.2M-n12288 --results experiments/results
+    PYTHONPATH=. python experiments/oracle_recovery.py experiments/configs/nk_regime.yaml --out runs/nk \
+        --cells 0.2M-n3072,0.2M-n12288 --groups K=1000,K=n/3,K=n,K=2n,K=4n --results experiments/results
 
 Writes `<results>/oracle_recovery.json` (entries keyed by cell and K, merged with earlier ones) and
 `oracle_recovery.md`.
@@ -24,6 +24,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -46,14 +47,15 @@ def subset_sums(design, w_NxQ: np.ndarray) -> np.ndarray:
     return (y - y.mean(axis=1, keepdims=True)).astype(np.float32)
 
 
-def cell_ks(cfg, cell: str, n: int) -> dict[str, int]:
-    """{group: K} of the config's single-fit select groups for `cell`, resolved as the harness
-    resolves them (group and cell overrides merged, then `sweep.variant_configs`); groups the cell
-    leaves out and ensembles (the design of their single-fit group) are skipped."""
+def cell_ks(cfg, cell: str, n: int, groups: Collection[str] | None = None) -> dict[str, int]:
+    """{group: K} of the config's single-fit select groups (those in `groups`, all if None) for
+    `cell`, resolved as the harness resolves them (group and cell overrides merged, then
+    `sweep.variant_configs`); groups the cell leaves out and ensembles (the design of their
+    single-fit group) are skipped."""
     cell_cfg = next(c for c in cfg.cells if c.name == cell)
     out = {}
     for group, override in cfg.select.groups.items():
-        if group in cell_cfg.groups and cell_cfg.groups[group] is None:
+        if (groups is not None and group not in groups) or (group in cell_cfg.groups and cell_cfg.groups[group] is None):
             continue
         settings = merge(override or {}, cell_cfg.groups.get(group) or {})
         resolved = sweep.variant_configs(cfg.stride_for(cell), {"": {}}, settings, n_train=n)[""]
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config")
     ap.add_argument("--out", required=True, help="the run's folder (its cells' stores)")
     ap.add_argument("--cells", required=True, help="comma-separated cells")
+    ap.add_argument("--groups", help="comma-separated select groups (default: every group)")
     ap.add_argument("--reference", default="ekfac", help="the method whose scores stand for the truth")
     ap.add_argument("--results", default="experiments/results")
     args = ap.parse_args(argv)
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         ref_lds = p.lds(ref, "test", None, n_boot)["mean"]
         d, n = cfg.stride_for(cell).design, len(p.train)
         done: set[int] = set()
-        for group, k in cell_ks(cfg, cell, n).items():
+        for group, k in cell_ks(cfg, cell, n, args.groups.split(",") if args.groups else None).items():
             if k in done:  # another group of the same K (the same design)
                 continue
             done.add(k)

@@ -28,10 +28,8 @@ json. As a check that the responses are the ones the sweep recovered from, `--ch
 Lasso variant (the group's own recovery settings) on them for the cell's first group and compares
 its validation LDS with the one the results file stores. No fit runs; no store is written.
 
-    nice -n 19 env PYTHONPATH=. python experiments/response_anatomy.py experiments/configs/nk_law.yaml \
-        --out runs/nklaw --cells 0.2M-n768,0.2M-n3072,2.2M-n768
-    nice -n 19 env PYTHONPATH=. python experiments/response_anatomy.py experiments/configs/nk_law_n12288.yaml \
-        --out runs/nk --cells 0.2M-n12288
+    nice -n 19 env PYTHONPATH=. python experiments/response_anatomy.py experiments/configs/nk_regime.yaml \
+        --out runs/nk --cells 0.2M-n768,0.2M-n3072,2.2M-n768,0.2M-n12288
 
 Writes `<results>/response_anatomy.json` (entries keyed by config, cell and group, merged with
 earlier ones) and `response_anatomy.md`.

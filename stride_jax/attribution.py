@@ -52,7 +52,7 @@ def _check_pool(model: nnx.Module, train: Any, cfg: StrideConfig) -> None:
                          "can be non-empty")
 
 
-# Below this K/n, STRIDE's LDS falls steeply (issue 22's law, experiments/results/nk_law.md): K
+# Below this K/n, STRIDE's LDS falls steeply (issue 22's law, experiments/results/nk_regime.md): K
 # subset sums cannot pin a dense influence vector over n examples.
 KNEE_RATIO = 0.5
 _warned_knee: set[tuple[int, int]] = set()
@@ -64,7 +64,7 @@ def _warn_below_knee(n_subsets: int, n_train: int) -> None:
         return
     _warned_knee.add((n_subsets, n_train))
     log.warning("design.n_subsets K=%d is %.2f of the pool's n=%d, below the knee K/n = %.2g measured in "
-                "experiments/results/nk_law.md: scores will be much less accurate than at K near n "
+                "experiments/results/nk_regime.md: scores will be much less accurate than at K near n "
                 "(design.n_subsets='auto' picks K = 2n)", n_subsets, n_subsets / n_train, n_train, KNEE_RATIO)
 
 

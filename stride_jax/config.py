@@ -49,7 +49,7 @@ class DesignConfig:
 
     n_subsets="auto" picks K from the pool size n when the fit starts (`resolve_subsets`):
     K = ceil(auto_ratio * n), at least per_example and at most min(n * per_example, max_subsets).
-    auto_ratio's default is the measured law of issue 22 (experiments/results/nk_law.md: on
+    auto_ratio's default is the measured law of issue 22 (experiments/results/nk_regime.md: on
     validation queries STRIDE reaches 90% of its best LDS over K in {n/3, n, 2n, 4n} at K = 2n on
     both pools measured, not at K = n); max_subsets is the budget cap (operators' fit and
     measurement cost grow linearly in K; with fit.sparse_updates a step's cost does not).
@@ -58,7 +58,7 @@ class DesignConfig:
     n_subsets: int | Literal["auto"] = 512  # K
     per_example: int = 8  # the paper's d (S in shape names)
     seed: int = 0
-    auto_ratio: float = 2.0  # K / n for n_subsets="auto" (the measured knee, nk_law.md)
+    auto_ratio: float = 2.0  # K / n for n_subsets="auto" (the measured knee, nk_regime.md)
     max_subsets: int = 65536  # the cap of n_subsets="auto"
 
     def __post_init__(self) -> None:
@@ -135,7 +135,7 @@ class FitConfig:
     ensemble: fit this many independent operator banks on the same subsets (fit seeds seed,
       seed + 1, ...) and average their responses before recovery (`measure.average`); each member
       costs one fit and one measurement. Member i is an ordinary fit (ensemble 1, seed + i), so
-      member 0 is the single fit of the same settings. Measured (nk_law.md, x2 rows): at most
+      member 0 is the single fit of the same settings. Measured (nk_regime.md, x2 rows): at most
       +0.013 validation LDS at K = 2n and none at 4n; more updates per operator paid more.
     """
 
@@ -445,9 +445,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "stability_batch": 16, "positions_per_example": None},
         "recovery": {"lambda_frac": 0.1},
     },
-    # The n >> K law's setting (experiments/results/nk_law.md, issue 22): K = 2n subsets (d 10), each
+    # The n >> K law's setting (experiments/results/nk_regime.md, issue 22): K = 2n subsets (d 10), each
     # operator updated 40 times whatever K (sparse updates: a step's cost does not grow with K; 40
-    # instead of nk_law's 20 won on validation at K = 2n in all three cells tried, +0.018 to +0.024,
+    # instead of the law run's 20 won on validation at K = 2n in all three cells tried, +0.018 to +0.024,
     # experiments/results/nk_factors.md), and recovery by ridge with the prior from the pool's own
     # features (strength chosen by held-out operators). For the project's GPTs on pools larger than
     # the `lm` preset's K / 2 = 1024.
@@ -485,7 +485,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 _PRESET_FOR_MODEL = {
     "gpt": ("lm", "a stride_jax GPT: 'lm', measured on the demo's GPT pool"),
     "gpt-large-pool": ("lm-auto", "a stride_jax GPT on a pool of more than 1,024 examples: 'lm-auto', K = 2n with "
-                                  "the features prior (the n >> K law, nk_law.md)"),
+                                  "the features prior (the n >> K law, nk_regime.md)"),
     "llama": ("llm-quick", "a pretrained LM (Llama family, GGUF / HF): 'llm-quick', minutes on a CPU"),
     "mlp": ("classifier", "a classifier: 'classifier', measured on MLPs over 3 data sets"),
     "conv": ("classifier", "a classifier: 'classifier', measured on MLPs over 3 data sets"),

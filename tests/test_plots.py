@@ -176,7 +176,7 @@ def test_plot_small_reports(case, tmp_path):
 def test_nk_law_draws_one_line_per_cell_through_single_fits():
     """The law panel: a line per cell (model and n) through its single-fit K only; rows that
     average several fits (`fit.ensemble`) are open markers, never joined to the line."""
-    rep = json.loads((RESULTS / "nk_law.json").read_text())
+    rep = json.loads((RESULTS / "nk_regime.json").read_text())  # the law groups and group ""
     fig = report.figure(rep)
     ax = next(ax for ax in fig.axes if ax.get_title() == "STRIDE as K grows with n")
     lines = {label: line for label, line in _labelled(ax) if label.startswith("STRIDE")}

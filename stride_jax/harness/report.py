@@ -695,7 +695,7 @@ def _selection_panels(axes, report, styles) -> None:
 
 def _k_law(report: dict[str, Any]) -> dict[str, list[tuple[float, str, int]]]:
     """{cell: [(K/n, STRIDE row, fits averaged), ...]} when the selection groups of a cell set
-    different K (a K-over-n sweep such as nk_law.yaml); {} otherwise."""
+    different K (a K-over-n sweep such as nk_regime.yaml's law groups); {} otherwise."""
     n_of = {c["cell"]: c.get("n_train") for c in report.get("cells", [])}
     out: dict[str, list[tuple[float, str, int]]] = {}
     for s in report.get("selection", []):
