@@ -185,3 +185,6 @@ def test_nk_law_draws_one_line_per_cell_through_single_fits():
         assert _drawn(single) and len(single.get_xdata()) == sum(e == 1 for _, _, e in groups)
         if any(e > 1 for _, _, e in groups):
             assert not _drawn(lines[f"STRIDE, 2 fits averaged, {cell}"])
+    # the law's rows are drawn there only: the other panels keep group ""'s row and the references
+    others = {label for a in fig.axes if a is not ax for label, _ in _labelled(a)}
+    assert not any(label.startswith("STRIDE-K=") for label in others) and any(label.startswith("STRIDE") for label in others)

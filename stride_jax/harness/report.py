@@ -797,10 +797,12 @@ def figure(report: dict[str, Any]):
         _selection_panels(at["selection"] + at["share"], report, styles)
     if "lds" in at or "cost" in at:
         panels = at.get("lds", []) + at.get("cost", [])
+        drawn = {m for pts in law.values() for _, m, _ in pts}  # the law panel's rows: not drawn again
+        rest = {m: d for m, d in data.items() if m not in drawn}
         if layout == "cells":
-            _cells_panels(fig, panels, report, data, styles, alpha)
+            _cells_panels(fig, panels, report, rest, styles, alpha)
         elif "lds" in at:
-            _series_panels(panels, report, data, styles, alpha, layout)
+            _series_panels(panels, report, rest, styles, alpha, layout)
     if "cost_n" in at:
         _cost_n_panel(at["cost_n"][0], report, styles)
     seen: dict[str, Any] = {}
