@@ -167,6 +167,8 @@ def test_second_process_on_the_same_out_dir_is_refused(tmp_path):
     (lambda c: c.update(methods=[{"name": "x", "method": "stride", "cells": ["nope"]}]), "unknown cells"),
     (lambda c: c["variants"].update(bad={"fit": {"learning_rate": -1}}), "variant 'bad'"),
     (lambda c: c.update(cells=[{"name": "a", "groups": {"K=n": None}}]), r"unknown select groups \['K=n'\]"),
+    (lambda c: c.update(methods=[{"name": "s", "method": "stride", "stride": {"preset": "llm-fast"}}]),
+     "unknown preset 'llm-fast'"),
 ])
 def test_bad_configs_fail_before_any_work(tmp_path, capsys, mutate, match):
     cfg = json.loads(json.dumps(TINY))
@@ -198,6 +200,24 @@ def test_experiment_config_round_trip():
     assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
     assert [m.name for m in cfg.methods if m.cells] == ["stride-tuned"]
     assert cfg.stride_for("2.2M", next(m for m in cfg.methods if m.name == "stride-tuned")).fit.learning_rate == 0.003
+
+
+def test_a_method_row_may_start_from_a_preset():
+    """`stride: {preset: llm}` in a method row starts from that preset instead of the experiment's
+    stride section; the cell's overrides and the row's other fields still apply on top."""
+    from stride_jax.config import StrideConfig
+
+    cfg = json.loads(json.dumps(TINY))
+    cfg["cells"] = [{"name": "a", "stride": {"steering": {"rank": 2}}}]
+    cfg["methods"] = [{"name": "stride-llm", "method": "stride", "stride": {"preset": "llm", "fit": {"checkpoint_every": 7}}},
+                      {"name": "stride-own", "method": "stride", "stride": {"fit": {"checkpoint_every": 7}}}]
+    exp = ExperimentConfig.from_dict(cfg)
+    llm, own = exp.methods
+    want = StrideConfig.preset("llm").replace(steering={"rank": 2}, fit={"checkpoint_every": 7})
+    assert exp.stride_for("a", llm) == want
+    assert exp.stride_for("a", own) == exp.stride.replace(steering={"rank": 2}, fit={"checkpoint_every": 7})
+    assert want.recovery.prior == "features" and exp.stride.recovery.prior != "features"
+    assert ExperimentConfig.from_dict(exp.to_dict()) == exp
 
 
 def _fake_report(cells):

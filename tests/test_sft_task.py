@@ -311,15 +311,20 @@ def test_data_selection_run_picks_in_task_records_and_fine_tunes_them(files, tmp
     # one store per target and row; a rerun with a method added fine-tunes only that method's picks
     cached = {f: f.stat().st_mtime_ns for f in (tmp_path / "run" / "data_selection").glob("*.npz")}
     assert len(cached) == 2 * 3  # bm25, random, in-task
+    # (and a fusion of two methods' rankings selects as one more row)
     cfg["methods"] = ["bm25", "tfidf", "random"]
+    cfg["data_selection"].update(fuse=["random", "bm25"], fusions=["rank-mean"])
     cfg_path.write_text(yaml.safe_dump(cfg))
     assert cli.main(["run", str(cfg_path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     now = {f: f.stat().st_mtime_ns for f in (tmp_path / "run" / "data_selection").glob("*.npz")}
-    assert {f: now[f] for f in cached} == cached and len(now) == 2 * 4
+    assert {f: now[f] for f in cached} == cached and len(now) == 2 * 5
     again = json.loads((tmp_path / "run" / "selection_tiny.json").read_text())["data_selection"]
     for before, after in zip((zebra, quilt), again):
         assert after["hits"]["bm25"] == before["hits"]["bm25"] and after["losses"]["random"] == before["losses"]["random"]
         assert "tfidf" in after["exact_match"]
+        # random's scores alone pick few in-task records (8 of 38 in the pool); ranked with bm25's, most
+        fused = after["in_task_fraction"]["random + bm25 (rank-mean)"]
+        assert fused >= 0.5 and "random + bm25 (rank-mean)" in after["exact_match"]
     assert report_lib.markdown(report, "cmd")
 
 

@@ -264,7 +264,8 @@ class Cell:
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """A method row: `method` names a registry entry (default: `name`); `params` go to its
-    constructor; `stride` overrides the experiment's STRIDE config; `cells` limits where it runs."""
+    constructor; `stride` overrides the experiment's STRIDE config (with `preset: <name>` it
+    starts from that preset instead, e.g. `{preset: llm}`); `cells` limits where it runs."""
 
     name: str
     method: str = ""
@@ -308,6 +309,17 @@ class Counterfactual:
     seed: int = 0
 
 
+def _check_fusion(section: str, fuse: tuple[str, ...], fusions: tuple[str, ...]) -> None:
+    """`<section>.fuse` names the two methods whose rankings each of `<section>.fusions` combines."""
+    from stride_jax.harness.contamination import FUSIONS
+
+    if fusions and len(fuse) != 2:
+        raise ValueError(f"{section}.fuse names the two methods to fuse, got {list(fuse)}")
+    bad = sorted(set(fusions) - set(FUSIONS))
+    if bad:
+        raise ValueError(f"{section}.fusions: unknown {bad}; known: {list(FUSIONS)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Contamination:
     """Recall of the leaked replicas (task.data.inject) in each method's top `buckets` of the
@@ -322,15 +334,9 @@ class Contamination:
     n_boot: int = 1000
 
     def __post_init__(self) -> None:
-        from stride_jax.harness.contamination import FUSIONS
-
         if not self.buckets or any(not 0 < b < 1 for b in self.buckets):
             raise ValueError(f"contamination.buckets must be fractions in (0, 1), got {self.buckets}")
-        if self.fusions and len(self.fuse) != 2:
-            raise ValueError(f"contamination.fuse names the two methods to fuse, got {self.fuse}")
-        bad = sorted(set(self.fusions) - set(FUSIONS))
-        if bad:
-            raise ValueError(f"contamination.fusions: unknown {bad}; known: {list(FUSIONS)}")
+        _check_fusion("contamination", self.fuse, self.fusions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,11 +350,14 @@ class DataSelection:
     "pretrained" (the loaded model, no fine-tune). Each selection fine-tunes a fresh copy of the
     loaded model (`finetune`, the task's `tune`) with `seeds` data-order seeds (seed s shared
     by every method: paired) and is scored by greedy exact match and token accuracy on the
-    target's held-out test records; intervals resample seeds and test records."""
+    target's held-out test records; intervals resample seeds and test records. Each of `fusions`
+    of the two methods `fuse` (as in `contamination`) selects as one more method."""
 
     k: int = 32
     seeds: int = 2
     methods: tuple[str, ...] = ()
+    fuse: tuple[str, ...] = ()
+    fusions: tuple[str, ...] = ()
     references: tuple[str, ...] = ("random", "in-task", "pretrained")
     finetune: train_lib.TrainConfig = train_lib.TrainConfig(learning_rate=1e-4, epochs=3.0, batch_size=8,
                                                             warmup_frac=0.1, scan_steps=8)
@@ -358,6 +367,7 @@ class DataSelection:
     def __post_init__(self) -> None:
         if self.k < 1 or self.seeds < 1 or self.n_boot < 1:
             raise ValueError("data_selection: k, seeds and n_boot must be >= 1")
+        _check_fusion("data_selection", self.fuse, self.fusions)
         bad = sorted(set(self.references) - {"random", "in-task", "pretrained"})
         if bad:
             raise ValueError(f"data_selection.references: unknown {bad}; known: random, in-task, pretrained")
@@ -435,13 +445,16 @@ class ExperimentConfig:
         return task_from_dict(base)
 
     def stride_for(self, cell: str, spec: MethodSpec | None = None) -> StrideConfig:
-        cfg = self.stride
+        """The STRIDE config of `spec` (or of the variants) in `cell`: the experiment's `stride`
+        section, or the preset the spec names (`stride: {preset: llm}`), then the cell's
+        overrides, then the spec's."""
+        over = dict(spec.stride) if spec is not None else {}
+        preset = over.pop("preset", None)
+        cfg = StrideConfig.preset(preset) if preset is not None else self.stride
         c = next((c for c in self.cells if c.name == cell), None)
         if c is not None and c.stride:
             cfg = cfg.replace(**c.stride)
-        if spec is not None and spec.stride:
-            cfg = cfg.replace(**spec.stride)
-        return cfg
+        return cfg.replace(**over) if over else cfg
 
     def all_variants(self) -> dict[str, dict[str, Any]]:
         """`variants` plus the grid's Cartesian product (invalid combinations are dropped later).
@@ -559,17 +572,10 @@ class ExperimentConfig:
         if self.contamination is not None:
             if any(not isinstance(t, SFTTask) or t.data.inject is None for t in tasks):
                 raise ValueError("contamination needs an sft task with task.data.inject (the leaked problems)")
-            names_ = {m.name for m in self.methods}
-            missing = sorted(set(self.contamination.fuse) - names_) if self.contamination.fusions else []
-            if missing:
-                raise ValueError(f"contamination.fuse names methods the experiment does not run: {missing}")
         if self.data_selection is not None:
             c = self.data_selection
             if any(not isinstance(t, SFTTask) or t.data.targets is None for t in tasks):
                 raise ValueError("data_selection needs an sft task with task.data.targets (the target tasks)")
-            unknown = sorted(set(c.methods) - {m.name for m in self.methods})
-            if unknown:
-                raise ValueError(f"data_selection.methods names methods the experiment does not run: {unknown}")
             for t in tasks:
                 if c.k > t.data.targets.train and "in-task" in c.references:
                     raise ValueError(f"data_selection.k = {c.k} exceeds the targets' {t.data.targets.train} train "
@@ -577,6 +583,17 @@ class ExperimentConfig:
                 if c.k < c.finetune.batch_size:
                     raise ValueError(f"data_selection.k = {c.k} is below the fine-tune's batch size "
                                      f"{c.finetune.batch_size}")
+        named: dict[str, tuple[str, ...]] = {}  # config key -> the method rows it names
+        if self.contamination is not None and self.contamination.fusions:
+            named["contamination.fuse"] = self.contamination.fuse
+        if self.data_selection is not None:
+            named["data_selection.methods"] = self.data_selection.methods
+            if self.data_selection.fusions:
+                named["data_selection.fuse"] = self.data_selection.fuse
+        for section, names_ in named.items():
+            unknown = sorted(set(names_) - {m.name for m in self.methods})
+            if unknown:
+                raise ValueError(f"{section} names methods the experiment does not run: {unknown}")
         if self.qualitative is not None:
             rows = {m.name for m in self.methods}
             if self.select is not None:

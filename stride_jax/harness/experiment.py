@@ -146,6 +146,20 @@ def _qualitative(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str,
             for q in p.test_cols[: c.n_queries]]
 
 
+def _with_fusions(scored: dict[str, np.ndarray], fuse: tuple[str, ...], fusions: tuple[str, ...]
+                  ) -> dict[str, np.ndarray]:
+    """`scored` plus, when both methods of `fuse` were scored, each of `fusions` of their
+    rankings as a row "<a> + <b> (<how>)" (`contamination.fuse`)."""
+    from stride_jax.harness import contamination as cont
+
+    out = dict(scored)
+    if fusions and all(m in scored for m in fuse):
+        a, b = fuse
+        for how in fusions:
+            out[f"{a} + {b} ({how})"] = cont.fuse(scored[a], scored[b], how)
+    return out
+
+
 def _contamination(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str,
                    scored: dict[str, np.ndarray]) -> dict[str, Any]:
     """Memorisation of the leaked problems and recall of their replicas per method and fusion."""
@@ -166,11 +180,7 @@ def _contamination(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str,
                           "loss": float(train_lib.eval_loss(model, q).mean()), "n": int(len(cols))}
         memo[name] = row
     n = len(p.train)
-    methods = {m: scored[m][:, p.test_cols] for m in scored}
-    if c.fusions and all(m in scored for m in c.fuse):
-        a, b = c.fuse
-        for how in c.fusions:
-            methods[f"{a} + {b} ({how})"] = cont.fuse(methods[a], methods[b], how)
+    methods = {m: s[:, p.test_cols] for m, s in _with_fusions(scored, c.fuse, c.fusions).items()}
     recall = []
     for frac in c.buckets:
         bucket = max(1, int(round(frac * n)))
@@ -191,10 +201,13 @@ def _data_selection(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, sco
     from stride_jax.harness import selection as sel
 
     c, task = cfg.data_selection, p.task
-    methods = [m for m in (c.methods or [m for m in scored if m != "random"]) if m in scored]
-    missing = sorted(set(c.methods) - set(scored))
+    missing = sorted((set(c.methods) | set(c.fuse if c.fusions else ())) - set(scored))
     if missing:
         log.warning("[%s] data selection: no scores of %s (skipped or failed)", cell or cfg.name, missing)
+    methods = [m for m in (c.methods or [m for m in scored if m != "random"]) if m in scored]
+    fused = _with_fusions(scored, c.fuse, c.fusions)
+    methods += [m for m in fused if m not in scored]
+    scored = fused
     start = tasks_lib.pretrained(task.model.path, task.model.dtype)[0]
     pool_target = tasks_lib.target_of(p.train.ids)
     query_target = tasks_lib.target_of(p.queries.ids)
