@@ -168,7 +168,7 @@ def test_second_process_on_the_same_out_dir_is_refused(tmp_path):
     (lambda c: c["variants"].update(bad={"fit": {"learning_rate": -1}}), "variant 'bad'"),
     (lambda c: c.update(cells=[{"name": "a", "groups": {"K=n": None}}]), r"unknown select groups \['K=n'\]"),
     (lambda c: c.update(methods=[{"name": "s", "method": "stride", "stride": {"preset": "llm-fast"}}]),
-     "unknown preset 'llm-fast'"),
+     "method 's': unknown preset 'llm-fast'"),
 ])
 def test_bad_configs_fail_before_any_work(tmp_path, capsys, mutate, match):
     cfg = json.loads(json.dumps(TINY))

@@ -535,7 +535,10 @@ class ExperimentConfig:
             if bad:
                 raise ValueError(f"method {m.name!r} names unknown cells {bad}; cells: {names}")
             for cell in m.cells or self.cell_names():
-                self.stride_for(cell, m)
+                try:
+                    self.stride_for(cell, m)
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"method {m.name!r}: {e}") from None
         for name, override in self.all_variants().items():
             if not isinstance(override, dict):
                 raise TypeError(f"variant {name!r} must map sections to overrides, got {override!r}")
