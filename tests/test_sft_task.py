@@ -325,6 +325,20 @@ def test_data_selection_run_picks_in_task_records_and_fine_tunes_them(files, tmp
         # random's scores alone pick few in-task records (8 of 38 in the pool); ranked with bm25's, most
         fused = after["in_task_fraction"]["random + bm25 (rank-mean)"]
         assert fused >= 0.5 and "random + bm25 (rank-mean)" in after["exact_match"]
+    # a --methods run recomputes the selections from the other rows' stored scores (a lost store is
+    # fine-tuned again), and keeps them from the results file when another row's scores are not stored
+    lost = next(f for f in now if f.name.startswith("zebra-tfidf-"))
+    lost.unlink()
+    assert cli.main(["run", str(cfg_path), "--out", str(tmp_path / "run"), "--no-progress", "--methods", "tfidf"]) == 0
+    third = json.loads((tmp_path / "run" / "selection_tiny.json").read_text())
+    assert lost.exists() and [e["hits"] for e in third["data_selection"]] == [e["hits"] for e in again]
+    assert third["earlier_rows"] and not any(e["derived"] for e in third["earlier_rows"])
+    (tmp_path / "run" / "methods" / "bm25" / "run.json").unlink()
+    lost.unlink()
+    assert cli.main(["run", str(cfg_path), "--out", str(tmp_path / "run"), "--no-progress", "--methods", "tfidf"]) == 0
+    fourth = json.loads((tmp_path / "run" / "selection_tiny.json").read_text())
+    assert not lost.exists() and fourth["data_selection"] == third["data_selection"]
+    assert all("data_selection" in e["derived"] for e in fourth["earlier_rows"])
     assert report_lib.markdown(report, "cmd")
 
 

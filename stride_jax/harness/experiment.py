@@ -146,6 +146,27 @@ def _qualitative(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str,
             for q in p.test_cols[: c.n_queries]]
 
 
+def _stored_rows(cfg: ExperimentConfig, cell: str, task: Any, run_dir: Path,
+                 methods: Collection[str]) -> dict[str, np.ndarray] | None:
+    """In a `--methods` run: the stored scores of the cell's method rows it did not run, so the
+    entries derived from several methods can be recomputed; None when one of them has no
+    stored result for these inputs, or a select group of the cell did not run."""
+    groups = cfg.select.groups if cfg.select is not None else ({"": {}} if cfg.all_variants() else {})
+    left_out = next((c.groups for c in cfg.cells if c.name == cell), {})
+    if any(not (g in left_out and left_out[g] is None) and not report_lib.group_runs(report_lib.group_row(g), methods)
+           for g in groups):
+        return None
+    out = {}
+    for spec in cfg.methods:
+        if (spec.cells and cell not in spec.cells) or spec.name in methods:
+            continue
+        res = runner.stored_result(task, run_dir, spec, cfg.stride_for(cell, spec))
+        if res is None:
+            return None
+        out[spec.name] = res[0].dense()
+    return out
+
+
 def _with_fusions(scored: dict[str, np.ndarray], fuse: tuple[str, ...], fusions: tuple[str, ...]
                   ) -> dict[str, np.ndarray]:
     """`scored` plus, when both methods of `fuse` were scored, each of `fusions` of their
@@ -380,9 +401,10 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
     `methods`: run only these method rows ("stride": the STRIDE variants of every select group,
     "stride-<group>": one group's); the data, base
     model and ground truth are still made (or resumed). The results file keeps the other rows
-    from its previous version, and the entries derived from several methods (contamination,
-    data selection, counterfactual removal; the qualitative examples unless all their methods
-    ran), which are not recomputed.
+    from its previous version. The entries derived from several methods (contamination, data
+    selection, counterfactual removal) are recomputed when every other row's scores are stored
+    in `out` for the same inputs, and kept from the results file otherwise; so are the
+    qualitative examples unless all their methods ran.
     """
     if methods is not None:
         methods = set(check_methods(cfg, methods))
@@ -438,8 +460,14 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
                          rec["seconds"].get("total", 0.0))
             if cfg.qualitative is not None and (methods is None or set(cfg.qualitative.methods) <= methods):
                 report["qualitative"] += _qualitative(p, cfg, cell, scored)
-            if methods is not None:  # the other entries derived from several methods: kept from the results file
-                continue
+            if methods is not None:  # the entries derived from several methods need every row's scores
+                others = _stored_rows(cfg, cell, task, run_dir, methods)
+                if others is None:
+                    log.info("[%s] contamination / data selection / counterfactual entries kept from the results "
+                             "file: not every other row's scores are stored in %s", cell or cfg.name, run_dir)
+                    continue
+                order = [*chosen, *(s.name for s in cfg.methods)]
+                scored = {m: scored[m] if m in scored else others[m] for m in order if m in scored or m in others}
             if cfg.contamination is not None:
                 report["contamination"].append(_contamination(p, cfg, cell, scored))
             if cfg.data_selection is not None:

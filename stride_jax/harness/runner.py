@@ -154,6 +154,21 @@ def run_method(task: Any, run_dir: Path, spec: MethodSpec, stride_cfg: Any, *, i
     return Attribution.load(method_dir / "scores"), store.read_json(done)
 
 
+def stored_result(task: Any, run_dir: Path, spec: MethodSpec, stride_cfg: Any
+                  ) -> tuple[Attribution, dict[str, Any]] | None:
+    """The finished (scores, run record) of `spec` stored in `run_dir/methods/<name>` for these
+    inputs; None when there is none, it was made from other inputs, or it is unreadable. Writes
+    nothing (a `--methods` run reads the other rows' scores with it)."""
+    method_dir = run_dir / "methods" / spec.name
+    if not (method_dir / "run.json").exists():
+        return None
+    try:
+        store.check_identity(method_dir, method_identity(task, spec, stride_cfg), f"run of method {spec.name!r}")
+        return Attribution.load(method_dir / "scores"), store.read_json(method_dir / "run.json")
+    except (OSError, ValueError):
+        return None
+
+
 def _finished(method_dir: Path) -> tuple[Attribution, dict[str, Any]] | None:
     """The stored (scores, run record) of a finished method run; None, after removing both,
     when either is unreadable or corrupt, so the caller recomputes them (they are derived)."""
