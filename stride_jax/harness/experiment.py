@@ -59,6 +59,17 @@ def _lds_rows(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, name: str
     return rows
 
 
+def _cell_groups(cfg: ExperimentConfig, cell: str) -> dict[str, dict[str, Any]]:
+    """{select group: its overrides with the cell's merged in} of the STRIDE variant groups that
+    run in `cell` (none without variants; a cell's `groups: {g: null}` leaves g out)."""
+    if not cfg.all_variants():
+        return {}
+    groups = cfg.select.groups if cfg.select is not None else {"": {}}
+    cell_cfg = next((c for c in cfg.cells if c.name == cell), None)
+    own = cell_cfg.groups if cell_cfg is not None else {}
+    return {g: merge(o, own[g]) if g in own else o for g, o in groups.items() if not (g in own and own[g] is None)}
+
+
 def _variants(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, run_dir: Path, progress: bool,
               methods: Collection[str] | None = None):
     """Variant rows, selection records and the chosen methods' (scores, record) of one cell:
@@ -67,17 +78,12 @@ def _variants(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, run_dir: 
     rows, selection, chosen = [], [], {}
     if not variants:
         return rows, selection, chosen
-    groups = cfg.select.groups if cfg.select is not None else {"": {}}
-    groups = {g: o for g, o in groups.items() if report_lib.group_runs(report_lib.group_row(g), methods)}
+    groups = {g: o for g, o in _cell_groups(cfg, cell).items()
+              if report_lib.group_runs(report_lib.group_row(g), methods)}
     alpha = cfg.select.alpha if cfg.select is not None else None
     n_boot = cfg.select.n_boot if cfg.select is not None else min(cfg.n_boot, 200)
     for group, override in groups.items():
         names = (cfg.select.only.get(group) if cfg.select is not None else None) or list(variants)
-        cell_cfg = next((c for c in cfg.cells if c.name == cell), None)
-        if cell_cfg is not None and group in cell_cfg.groups:
-            if cell_cfg.groups[group] is None:  # this cell leaves the group out (compute)
-                continue
-            override = merge(override, cell_cfg.groups[group])
         configs = sweep.variant_configs(cfg.stride_for(cell), {n: variants[n] for n in names}, override,
                                         n_train=len(p.train))
         t0 = time.perf_counter()
@@ -151,10 +157,7 @@ def _stored_rows(cfg: ExperimentConfig, cell: str, task: Any, run_dir: Path,
     """In a `--methods` run: the stored scores of the cell's method rows it did not run, so the
     entries derived from several methods can be recomputed; None when one of them has no
     stored result for these inputs, or a select group of the cell did not run."""
-    groups = cfg.select.groups if cfg.select is not None else ({"": {}} if cfg.all_variants() else {})
-    left_out = next((c.groups for c in cfg.cells if c.name == cell), {})
-    if any(not (g in left_out and left_out[g] is None) and not report_lib.group_runs(report_lib.group_row(g), methods)
-           for g in groups):
+    if any(not report_lib.group_runs(report_lib.group_row(g), methods) for g in _cell_groups(cfg, cell)):
         return None
     out = {}
     for spec in cfg.methods:

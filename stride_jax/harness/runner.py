@@ -151,7 +151,7 @@ def run_method(task: Any, run_dir: Path, spec: MethodSpec, stride_cfg: Any, *, i
         reason = json.loads((method_dir / "skipped.json").read_text())["reason"]
         log.warning("method %s skipped: %s", spec.name, reason)
         return None
-    return Attribution.load(method_dir / "scores"), store.read_json(done)
+    return _load(method_dir)
 
 
 def stored_result(task: Any, run_dir: Path, spec: MethodSpec, stride_cfg: Any
@@ -164,16 +164,21 @@ def stored_result(task: Any, run_dir: Path, spec: MethodSpec, stride_cfg: Any
         return None
     try:
         store.check_identity(method_dir, method_identity(task, spec, stride_cfg), f"run of method {spec.name!r}")
-        return Attribution.load(method_dir / "scores"), store.read_json(method_dir / "run.json")
+        return _load(method_dir)
     except (OSError, ValueError):
         return None
+
+
+def _load(method_dir: Path) -> tuple[Attribution, dict[str, Any]]:
+    """The (scores, run record) stored in a method's directory (OSError / ValueError when unreadable)."""
+    return Attribution.load(method_dir / "scores"), store.read_json(method_dir / "run.json")
 
 
 def _finished(method_dir: Path) -> tuple[Attribution, dict[str, Any]] | None:
     """The stored (scores, run record) of a finished method run; None, after removing both,
     when either is unreadable or corrupt, so the caller recomputes them (they are derived)."""
     try:
-        return Attribution.load(method_dir / "scores"), store.read_json(method_dir / "run.json")
+        return _load(method_dir)
     except (OSError, ValueError) as e:
         log.warning("the stored result in %s is unreadable (%s); recomputing it", method_dir,
                     str(e).splitlines()[0])
