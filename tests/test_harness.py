@@ -285,6 +285,11 @@ def test_results_of_other_cells_are_kept_when_running_some_cells():
         report_lib.check_earlier({**earlier, "config": only(["a", "b"])}, only(["a", "c"]))
     with pytest.raises(ValueError, match="holds experiment 'x'"):
         report_lib.merge_earlier(now, earlier, {**full, "name": "y"})
+    # which rows a contamination entry fuses (their names say it) may change; how recall is measured not
+    cont = lambda **kw: {**full, "contamination": {"fuse": ["a", "b"], "fusions": ["min-rank"], "buckets": [0.01], **kw}}
+    report_lib.check_earlier({**earlier, "config": cont()}, cont(fuse=["c", "b"], fusions=["rank-mean"]))
+    with pytest.raises(ValueError, match=r"differs in \['contamination.buckets'\]"):
+        report_lib.check_earlier({**earlier, "config": cont()}, cont(buckets=[0.02]))
     args = cli.build_parser().parse_args(["run", str(CONFIGS / "nk_regime.yaml"), "--cells", "0.2M-n768"])
     cfg, whole = cli._experiment(args, whole=True)
     assert len(whole.cells) == 5 and len(cfg.cells) == 1

@@ -245,6 +245,24 @@ def test_contamination_run_finds_exact_replicas(files, tmp_path, monkeypatch):
     md = (tmp_path / "run" / "contamination_tiny.md").read_text()
     assert "## Contamination" in md and "none (no LDS)" in md
     assert report_lib.markdown(report, "cmd")  # renders without ground truth
+    # a --methods run without another row's stored scores recomputes the recall it can and keeps the
+    # rest (that row's and its fusions') from the results file, which was made on the same model
+    (tmp_path / "run" / "methods" / "graddot" / "run.json").unlink()
+    run_bm25 = ["run", str(cfg_path), "--out", str(tmp_path / "run"), "--no-progress", "--methods", "bm25"]
+    assert cli.main(run_bm25) == 0
+    again = json.loads((tmp_path / "run" / "contamination_tiny.json").read_text())["contamination"][0]
+    assert again["recall"] == ct["recall"] and again["memorisation"] == ct["memorisation"]
+    assert again["recall_kept"] == ["graddot", "bm25 + graddot (rank-mean)", "bm25 + graddot (min-rank)"]
+    assert "Recall of graddot, bm25 + graddot (rank-mean)" in (tmp_path / "run" / "contamination_tiny.md").read_text()
+    # ... and keeps none when the earlier recall is of another attributed model
+    path = tmp_path / "run" / "contamination_tiny.json"
+    other = json.loads(path.read_text())
+    other["contamination"][0]["memorisation"]["attributed model"]["leaked"]["loss"] += 0.5
+    path.write_text(json.dumps(other))
+    assert cli.main(run_bm25) == 0
+    third = json.loads(path.read_text())["contamination"][0]
+    assert {r["method"] for r in third["recall"]} == {"bm25", "random"} and third["recall_kept"] == []
+    assert third["recall_missing"] == again["recall_kept"]
 
 
 def _evals_fixture(root, tasks_):

@@ -153,21 +153,22 @@ def _qualitative(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str,
 
 
 def _stored_rows(cfg: ExperimentConfig, cell: str, task: Any, run_dir: Path,
-                 methods: Collection[str]) -> dict[str, np.ndarray] | None:
+                 methods: Collection[str]) -> tuple[dict[str, np.ndarray], list[str]]:
     """In a `--methods` run: the stored scores of the cell's method rows it did not run, so the
-    entries derived from several methods can be recomputed; None when one of them has no
-    stored result for these inputs, or a select group of the cell did not run."""
-    if any(not report_lib.group_runs(report_lib.group_row(g), methods) for g in _cell_groups(cfg, cell)):
-        return None
+    entries derived from several methods can be recomputed, and the rows that have none for
+    these inputs (a select group of the cell that did not run counts as one)."""
+    missing = [report_lib.group_row(g) for g in _cell_groups(cfg, cell)
+               if not report_lib.group_runs(report_lib.group_row(g), methods)]
     out = {}
     for spec in cfg.methods:
         if (spec.cells and cell not in spec.cells) or spec.name in methods:
             continue
         res = runner.stored_result(task, run_dir, spec, cfg.stride_for(cell, spec))
         if res is None:
-            return None
-        out[spec.name] = res[0].dense()
-    return out
+            missing.append(spec.name)
+        else:
+            out[spec.name] = res[0].dense()
+    return out, missing
 
 
 def _with_fusions(scored: dict[str, np.ndarray], fuse: tuple[str, ...], fusions: tuple[str, ...]
@@ -178,10 +179,14 @@ def _with_fusions(scored: dict[str, np.ndarray], fuse: tuple[str, ...], fusions:
 
     out = dict(scored)
     if fusions and all(m in scored for m in fuse):
-        a, b = fuse
-        for how in fusions:
-            out[f"{a} + {b} ({how})"] = cont.fuse(scored[a], scored[b], how)
+        for name, how in zip(_fusion_names(fuse, fusions), fusions):
+            out[name] = cont.fuse(scored[fuse[0]], scored[fuse[1]], how)
     return out
+
+
+def _fusion_names(fuse: tuple[str, ...], fusions: tuple[str, ...]) -> list[str]:
+    """The rows `_with_fusions` adds: "<a> + <b> (<how>)" per fusion."""
+    return [f"{fuse[0]} + {fuse[1]} ({how})" for how in fusions] if fuse else []
 
 
 def _contamination(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str,
@@ -464,13 +469,20 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
             if cfg.qualitative is not None and (methods is None or set(cfg.qualitative.methods) <= methods):
                 report["qualitative"] += _qualitative(p, cfg, cell, scored)
             if methods is not None:  # the entries derived from several methods need every row's scores
-                others = _stored_rows(cfg, cell, task, run_dir, methods)
-                if others is None:
-                    log.info("[%s] contamination / data selection / counterfactual entries kept from the results "
-                             "file: not every other row's scores are stored in %s", cell or cfg.name, run_dir)
-                    continue
+                others, missing = _stored_rows(cfg, cell, task, run_dir, methods)
                 order = [*chosen, *(s.name for s in cfg.methods)]
                 scored = {m: scored[m] if m in scored else others[m] for m in order if m in scored or m in others}
+                if missing:
+                    log.info("[%s] no stored scores of %s in %s: the data selection / counterfactual entries are "
+                             "kept from the results file, and so is their contamination recall", cell or cfg.name,
+                             missing, run_dir)
+                    if cfg.contamination is not None:  # each method's recall is its own: the others' are recomputed
+                        entry = _contamination(p, cfg, cell, scored)
+                        done = {r["method"] for r in entry["recall"]}
+                        fused = _fusion_names(cfg.contamination.fuse, cfg.contamination.fusions)
+                        report["contamination"].append({**entry, "recall_from_earlier": [
+                            *missing, *(m for m in fused if m not in done)]})
+                    continue
             if cfg.contamination is not None:
                 report["contamination"].append(_contamination(p, cfg, cell, scored))
             if cfg.data_selection is not None:
@@ -487,6 +499,8 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
         earlier = _earlier(results_dir, cfg.name) if full is not None else None  # again: another run may have written it
         if earlier is not None:
             report = report_lib.merge_earlier(report, earlier, full.to_dict(), methods)
+        else:  # no results file to keep a missing row's contamination recall from
+            report["contamination"] = [report_lib.recall_from_earlier(e, {}, []) for e in report["contamination"]]
         report_lib.write(report, results_dir, command)
         store.write_json(out / "config.json", cfg.to_dict())
     return report

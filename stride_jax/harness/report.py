@@ -243,6 +243,13 @@ def _contamination_markdown(ct: dict[str, Any]) -> list[str]:
         lk, cl = m["leaked"], m["clean"]
         lines.append(f"| {name} | {lk['exact_match']:.3f} ({lk['n']}) | {cl['exact_match']:.3f} ({cl['n']}) | "
                      f"{lk['token_accuracy']:.3f} / {cl['token_accuracy']:.3f} | {lk['loss']:.3f} / {cl['loss']:.3f} |")
+    if ct.get("recall_kept"):
+        lines += ["", f"Recall of {', '.join(ct['recall_kept'])} is kept from the results file's earlier version: "
+                      "their scores are not stored with this run, and the attributed model is the same "
+                      "(identical memorisation figures)."]
+    if ct.get("recall_missing"):
+        lines += ["", f"No recall of {', '.join(ct['recall_missing'])}: their scores are not stored with this run, "
+                      "and the earlier version has none of the same attributed model."]
     fracs = sorted({r["bucket_fraction"] for r in ct["recall"]})
     by = {(r["method"], r["bucket_fraction"]): r for r in ct["recall"]}
     lines += ["", "Recall of each leaked problem's replicas in the method's most helpful bucket (mean over the "
@@ -872,7 +879,9 @@ def check_earlier(earlier: dict[str, Any], full_config: dict[str, Any]) -> None:
     than `full_config`: another name, or a setting present in both configs (cells and methods
     aside) with different values. Settings only one of them has (a field added since) do not count,
     nor does a select group's `only` list that grew (variants added to the group's grid: the kept
-    entries say which variants they chose among).
+    entries say which variants they chose among), nor which rows a contamination or data selection
+    entry fuses or selects (`fuse`, `fusions`, `methods`: like the method rows, they name the rows
+    they add, so a kept entry is never read as another's).
     """
     if earlier.get("config", {}).get("name") != full_config["name"]:
         raise ValueError(f"the results file holds experiment {earlier.get('config', {}).get('name')!r}, "
@@ -881,12 +890,14 @@ def check_earlier(earlier: dict[str, Any], full_config: dict[str, Any]) -> None:
     b = _leaves({k: v for k, v in full_config.items() if k not in ("cells", "methods")})
     grew = lambda k: (k.startswith("select.only.") and isinstance(a[k], list) and isinstance(b[k], list)
                       and set(a[k]) <= set(b[k]))
-    differ = sorted(k for k in a.keys() & b.keys() if a[k] != b[k] and not grew(k))
+    rows = lambda k: k.split(".")[0] in ("contamination", "data_selection") and k.split(".")[1:2] in ROW_NAMING
+    differ = sorted(k for k in a.keys() & b.keys() if a[k] != b[k] and not grew(k) and not rows(k))
     if differ:
         raise ValueError(f"the results file was written by another version of {full_config['name']!r} "
                          f"(differs in {differ[:5]}); write this run elsewhere (--results)")
 
 
+ROW_NAMING = (["fuse"], ["fusions"], ["methods"])  # the fields of a derived entry's section that pick its rows
 VARIANT_ROWS = "stride"  # the --methods name of the STRIDE variants (their chosen rows, variants, selection)
 DERIVED = ("counterfactual", "examples", "cost_n", "qualitative", "contamination", "data_selection")
 
@@ -919,6 +930,28 @@ def _provenance(earlier: dict[str, Any], cell: str, method: str | None) -> dict[
         if e["cell"] == cell:
             return {k: e[k] for k in ("command", "machine", "date")}
     return {k: earlier.get(k, "") for k in ("command", "machine", "date")}
+
+
+def recall_from_earlier(entry: dict[str, Any], earlier: dict[str, Any], rows: list[str]) -> dict[str, Any]:
+    """A contamination entry of a `--methods` run with the recall of the rows it had no scores
+    for (`recall_from_earlier`) taken from `earlier`'s entry of the cell, when that was made on
+    the same attributed model (identical memorisation figures); `recall_kept` lists those it
+    found, `recall_missing` the others. Recall rows go in `rows`' order (fusions last)."""
+    names = entry.get("recall_from_earlier")
+    if names is None:
+        return entry
+    out = {k: v for k, v in entry.items() if k != "recall_from_earlier"}
+    old = next((e for e in earlier.get("contamination", []) if e.get("cell") == entry["cell"]), None)
+    same = old is not None and all(old.get(k) == entry[k] for k in ("memorisation", "pool", "replicas"))
+    kept = [r for r in old["recall"] if r["method"] in names] if same else []
+    found = list(dict.fromkeys(r["method"] for r in kept))
+    fracs = list(dict.fromkeys(r["bucket_fraction"] for r in entry["recall"] + kept))
+    seen = list(dict.fromkeys(r["method"] for r in entry["recall"] + kept))
+    rank = lambda m: (rows.index(row_source(m, rows)) if row_source(m, rows) in rows else len(rows), seen.index(m))
+    out["recall"] = sorted(entry["recall"] + kept, key=lambda r: (fracs.index(r["bucket_fraction"]), rank(r["method"])))
+    out["recall_kept"] = found
+    out["recall_missing"] = [m for m in names if m not in found]
+    return out
 
 
 def merge_earlier(report: dict[str, Any], earlier: dict[str, Any], full_config: dict[str, Any],
@@ -955,6 +988,8 @@ def merge_earlier(report: dict[str, Any], earlier: dict[str, Any], full_config: 
         m = row_source(e["method"], names) if "method" in e and isinstance(e["method"], str) else None
         return order.get(e.get("cell"), len(order)), rank.get(m, len(rank)) if methods is not None else 0
 
+    report = {**report, "contamination": [recall_from_earlier(e, earlier, [VARIANT_ROWS, *names])
+                                          for e in report.get("contamination", [])]}
     merged = dict(report)
     for key in CELL_KEYED:
         merged[key] = sorted([e for e in earlier.get(key, []) if kept(key, e)] + list(report.get(key, [])),
