@@ -251,7 +251,7 @@ def test_contamination_run_finds_exact_replicas(files, tmp_path, monkeypatch):
     run_bm25 = ["run", str(cfg_path), "--out", str(tmp_path / "run"), "--no-progress", "--methods", "bm25"]
     assert cli.main(run_bm25) == 0
     again = json.loads((tmp_path / "run" / "contamination_tiny.json").read_text())["contamination"][0]
-    assert again["recall"] == ct["recall"] and again["memorisation"] == ct["memorisation"]
+    assert again["recall"] == ct["recall"] and again["memorisation"] == ct["memorisation"]  # in the same order
     assert again["recall_kept"] == ["graddot", "bm25 + graddot (rank-mean)", "bm25 + graddot (min-rank)"]
     assert "Recall of graddot, bm25 + graddot (rank-mean)" in (tmp_path / "run" / "contamination_tiny.md").read_text()
     # ... and keeps none when the earlier recall is of another attributed model

@@ -477,11 +477,10 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
                              "kept from the results file, and so is their contamination recall", cell or cfg.name,
                              missing, run_dir)
                     if cfg.contamination is not None:  # each method's recall is its own: the others' are recomputed
-                        entry = _contamination(p, cfg, cell, scored)
-                        done = {r["method"] for r in entry["recall"]}
-                        fused = _fusion_names(cfg.contamination.fuse, cfg.contamination.fusions)
-                        report["contamination"].append({**entry, "recall_from_earlier": [
-                            *missing, *(m for m in fused if m not in done)]})
+                        rows = [*(report_lib.group_row(g) for g in _cell_groups(cfg, cell)),
+                                *(s.name for s in cfg.methods if not s.cells or cell in s.cells),
+                                *_fusion_names(cfg.contamination.fuse, cfg.contamination.fusions)]
+                        report["contamination"].append({**_contamination(p, cfg, cell, scored), "recall_rows": rows})
                     continue
             if cfg.contamination is not None:
                 report["contamination"].append(_contamination(p, cfg, cell, scored))
@@ -500,7 +499,7 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
         if earlier is not None:
             report = report_lib.merge_earlier(report, earlier, full.to_dict(), methods)
         else:  # no results file to keep a missing row's contamination recall from
-            report["contamination"] = [report_lib.recall_from_earlier(e, {}, []) for e in report["contamination"]]
+            report["contamination"] = [report_lib.recall_from_earlier(e, {}) for e in report["contamination"]]
         report_lib.write(report, results_dir, command)
         store.write_json(out / "config.json", cfg.to_dict())
     return report

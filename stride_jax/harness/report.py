@@ -932,25 +932,25 @@ def _provenance(earlier: dict[str, Any], cell: str, method: str | None) -> dict[
     return {k: earlier.get(k, "") for k in ("command", "machine", "date")}
 
 
-def recall_from_earlier(entry: dict[str, Any], earlier: dict[str, Any], rows: list[str]) -> dict[str, Any]:
-    """A contamination entry of a `--methods` run with the recall of the rows it had no scores
-    for (`recall_from_earlier`) taken from `earlier`'s entry of the cell, when that was made on
-    the same attributed model (identical memorisation figures); `recall_kept` lists those it
-    found, `recall_missing` the others. Recall rows go in `rows`' order (fusions last)."""
-    names = entry.get("recall_from_earlier")
-    if names is None:
+def recall_from_earlier(entry: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
+    """A contamination entry of a `--methods` run, whose `recall_rows` (every row of the cell, in
+    order) it has not all computed, with the others' recall taken from `earlier`'s entry of the
+    cell when that was made on the same attributed model (identical memorisation figures);
+    `recall_kept` lists those it found, `recall_missing` the rest."""
+    rows = entry.get("recall_rows")
+    if rows is None:
         return entry
-    out = {k: v for k, v in entry.items() if k != "recall_from_earlier"}
+    out = {k: v for k, v in entry.items() if k != "recall_rows"}
+    done = {r["method"] for r in entry["recall"]}
     old = next((e for e in earlier.get("contamination", []) if e.get("cell") == entry["cell"]), None)
     same = old is not None and all(old.get(k) == entry[k] for k in ("memorisation", "pool", "replicas"))
-    kept = [r for r in old["recall"] if r["method"] in names] if same else []
-    found = list(dict.fromkeys(r["method"] for r in kept))
+    kept = [r for r in old["recall"] if r["method"] in rows and r["method"] not in done] if same else []
     fracs = list(dict.fromkeys(r["bucket_fraction"] for r in entry["recall"] + kept))
-    seen = list(dict.fromkeys(r["method"] for r in entry["recall"] + kept))
-    rank = lambda m: (rows.index(row_source(m, rows)) if row_source(m, rows) in rows else len(rows), seen.index(m))
-    out["recall"] = sorted(entry["recall"] + kept, key=lambda r: (fracs.index(r["bucket_fraction"]), rank(r["method"])))
-    out["recall_kept"] = found
-    out["recall_missing"] = [m for m in names if m not in found]
+    rank = {m: i for i, m in enumerate(rows)}
+    out["recall"] = sorted(entry["recall"] + kept, key=lambda r: (fracs.index(r["bucket_fraction"]),
+                                                                  rank.get(r["method"], len(rank))))
+    out["recall_kept"] = list(dict.fromkeys(r["method"] for r in kept))
+    out["recall_missing"] = [m for m in rows if m not in done and m not in out["recall_kept"]]
     return out
 
 
@@ -988,8 +988,7 @@ def merge_earlier(report: dict[str, Any], earlier: dict[str, Any], full_config: 
         m = row_source(e["method"], names) if "method" in e and isinstance(e["method"], str) else None
         return order.get(e.get("cell"), len(order)), rank.get(m, len(rank)) if methods is not None else 0
 
-    report = {**report, "contamination": [recall_from_earlier(e, earlier, [VARIANT_ROWS, *names])
-                                          for e in report.get("contamination", [])]}
+    report = {**report, "contamination": [recall_from_earlier(e, earlier) for e in report.get("contamination", [])]}
     merged = dict(report)
     for key in CELL_KEYED:
         merged[key] = sorted([e for e in earlier.get(key, []) if kept(key, e)] + list(report.get(key, [])),
