@@ -890,14 +890,17 @@ def check_earlier(earlier: dict[str, Any], full_config: dict[str, Any]) -> None:
     b = _leaves({k: v for k, v in full_config.items() if k not in ("cells", "methods")})
     grew = lambda k: (k.startswith("select.only.") and isinstance(a[k], list) and isinstance(b[k], list)
                       and set(a[k]) <= set(b[k]))
-    rows = lambda k: k.split(".")[0] in ("contamination", "data_selection") and k.split(".")[1:2] in ROW_NAMING
+    def rows(k: str) -> bool:
+        section, _, field = k.partition(".")
+        return section in ("contamination", "data_selection") and field.split(".")[0] in ROW_NAMING
+
     differ = sorted(k for k in a.keys() & b.keys() if a[k] != b[k] and not grew(k) and not rows(k))
     if differ:
         raise ValueError(f"the results file was written by another version of {full_config['name']!r} "
                          f"(differs in {differ[:5]}); write this run elsewhere (--results)")
 
 
-ROW_NAMING = (["fuse"], ["fusions"], ["methods"])  # the fields of a derived entry's section that pick its rows
+ROW_NAMING = ("fuse", "fusions", "methods")  # the fields of a derived entry's section that pick its rows
 VARIANT_ROWS = "stride"  # the --methods name of the STRIDE variants (their chosen rows, variants, selection)
 DERIVED = ("counterfactual", "examples", "cost_n", "qualitative", "contamination", "data_selection")
 
