@@ -456,6 +456,10 @@ class ExperimentConfig:
             cfg = cfg.replace(**c.stride)
         return cfg.replace(**over) if over else cfg
 
+    def methods_in(self, cell: str) -> list[MethodSpec]:
+        """The method rows that run in `cell` (a row's `cells`, when given, names the cells it runs in)."""
+        return [m for m in self.methods if not m.cells or cell in m.cells]
+
     def all_variants(self) -> dict[str, dict[str, Any]]:
         """`variants` plus the grid's Cartesian product (invalid combinations are dropped later).
 

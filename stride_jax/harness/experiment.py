@@ -160,8 +160,8 @@ def _stored_rows(cfg: ExperimentConfig, cell: str, task: Any, run_dir: Path,
     missing = [report_lib.group_row(g) for g in _cell_groups(cfg, cell)
                if not report_lib.group_runs(report_lib.group_row(g), methods)]
     out = {}
-    for spec in cfg.methods:
-        if (spec.cells and cell not in spec.cells) or spec.name in methods:
+    for spec in cfg.methods_in(cell):
+        if spec.name in methods:
             continue
         res = runner.stored_result(task, run_dir, spec, cfg.stride_for(cell, spec))
         if res is None:
@@ -322,7 +322,7 @@ def _counterfactual(p: tasks_lib.Prepared, cfg: ExperimentConfig, cell: str, sco
 def _cost_n(cfg: ExperimentConfig, out: Path, progress: bool) -> list[dict[str, Any]]:
     c = cfg.cost_n
     cell = c.cell or cfg.cell_names()[0]
-    specs = [m for m in cfg.methods if (not c.methods or m.name in c.methods) and (not m.cells or cell in m.cells)]
+    specs = [m for m in cfg.methods_in(cell) if not c.methods or m.name in c.methods]
     rows = []
     for per_source in c.train_per_source:
         task = cfg.task_for(cell, train_per_source=per_source)
@@ -367,8 +367,8 @@ def preflight(cfg: ExperimentConfig, methods: Collection[str] | None = None) -> 
     for cell in cfg.cell_names():
         task = cfg.task_for(cell)
         stride_cfgs, steerings = [], []
-        for spec in cfg.methods:
-            if (spec.cells and cell not in spec.cells) or (methods is not None and spec.name not in methods):
+        for spec in cfg.methods_in(cell):
+            if methods is not None and spec.name not in methods:
                 continue
             if spec.kind == "stride":
                 stride_cfgs.append(cfg.stride_for(cell, spec))
@@ -453,8 +453,8 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
             for name, (attr, rec) in chosen.items():
                 scored[name] = attr.dense()
                 report["rows"] += _lds_rows(p, cfg, cell, name, scored[name], rec)
-            for spec in cfg.methods:
-                if (spec.cells and cell not in spec.cells) or (methods is not None and spec.name not in methods):
+            for spec in cfg.methods_in(cell):
+                if methods is not None and spec.name not in methods:
                     continue
                 res = runner.run_method(task, run_dir, spec, cfg.stride_for(cell, spec), isolate=cfg.isolate,
                                         progress=progress)
@@ -478,7 +478,7 @@ def run(cfg: ExperimentConfig, out: str | Path, results_dir: str | Path | None =
                              missing, run_dir)
                     if cfg.contamination is not None:  # each method's recall is its own: the others' are recomputed
                         rows = [*(report_lib.group_row(g) for g in _cell_groups(cfg, cell)),
-                                *(s.name for s in cfg.methods if not s.cells or cell in s.cells),
+                                *(s.name for s in cfg.methods_in(cell)),
                                 *_fusion_names(cfg.contamination.fuse, cfg.contamination.fusions)]
                         report["contamination"].append({**_contamination(p, cfg, cell, scored), "recall_rows": rows})
                     continue
